@@ -1,0 +1,56 @@
+"""Merge adapters into the base weights, unmerge them, or unload graft entirely."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from graft.core import STATE_ATTR, adapter_layers, set_submodule, state_of
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights. Idempotent.
+
+    Raises:
+        NotImplementedError: For an adapter kind that cannot be merged (named in the message).
+    """
+    state = state_of(model)
+    names = list(state.active) if names is None else ([names] if isinstance(names, str) else list(names))
+    unknown = [n for n in names if n not in state.methods]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; attached adapters: {sorted(state.methods)}")
+    layers = list(adapter_layers(model))
+    for lname, layer in layers:
+        if not layer.mergeable and any(n in layer.configs for n in names):
+            if layer.merge.__func__ is type(layer).merge and type(layer).__name__ != "ModulesToSave":
+                raise NotImplementedError(f"{type(layer).__name__} at '{lname}' cannot be merged into the base weights")
+    for _, layer in layers:
+        here = [n for n in names if n in layer.configs]
+        if here:
+            layer.merge(here)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo every merge: the base weights return to their original values (within dtype rounding)."""
+    for _, layer in adapter_layers(model):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every graft layer and return the plain model (merging the active adapters first if asked).
+
+    Without ``merge`` the base weights are restored, so the result is the original model.
+    """
+    state_of(model)
+    for lname, layer in reversed(list(adapter_layers(model))):
+        plain = layer.unloaded(merge)
+        if lname:
+            set_submodule(model, lname, plain)
+    object.__delattr__(model, STATE_ATTR)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
