@@ -106,7 +106,9 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
         models.resolve("smollm2")
 
 
-def test_gguf_path_cached_under_hashed_key(cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_path_cached_under_hashed_key(
+    cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(models, "_convert_gguf", _fake_converter)
     first = models.resolve(fake_gguf)
     assert first.parent == cache / "models"
@@ -116,7 +118,9 @@ def test_gguf_path_cached_under_hashed_key(cache: Path, fake_gguf: Path, monkeyp
     assert models.resolve(fake_gguf) != first
 
 
-def test_failed_conversion_leaves_nothing(cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_conversion_leaves_nothing(
+    cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def crash(gguf: Path, out: Path) -> None:
         out.mkdir()
         (out / "config.json").write_text("{}")
@@ -128,7 +132,9 @@ def test_failed_conversion_leaves_nothing(cache: Path, fake_gguf: Path, monkeypa
     assert list((cache / "models").iterdir()) == []
 
 
-def test_concurrent_conversion_keeps_first(cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_conversion_keeps_first(
+    cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dest = cache / "models" / models._gguf_cache_key(fake_gguf.resolve())
 
     def lose_race(gguf: Path, out: Path) -> None:
@@ -142,7 +148,9 @@ def test_concurrent_conversion_keeps_first(cache: Path, fake_gguf: Path, monkeyp
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # our temp dir is gone
 
 
-def test_stale_temp_and_debris_are_cleaned(cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stale_temp_and_debris_are_cleaned(
+    cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(models, "_convert_gguf", _fake_converter)
     dest = cache / "models" / models._gguf_cache_key(fake_gguf.resolve())
     dest.mkdir(parents=True)
@@ -212,7 +220,9 @@ def test_cached_logits_match_gguf(smollm2_cache: SimpleNamespace) -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after the round trip
     assert not model.training
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
-    assert ids.tolist() == smollm2_cache.tokenizer("The quick brown fox", return_tensors="pt").input_ids.tolist()
+    assert (
+        ids.tolist() == smollm2_cache.tokenizer("The quick brown fox", return_tensors="pt").input_ids.tolist()
+    )
     with torch.no_grad():
         cached = model(ids).logits
         reference = smollm2_cache.model(ids).logits
@@ -235,8 +245,7 @@ def test_chat_template_and_pad_token(smollm2_cache: SimpleNamespace) -> None:
     text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
-    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
     # The GGUF pads with EOS (<|im_end|>); we pad with <|endoftext|> so EOS survives label masking.
     assert tokenizer.pad_token == "<|endoftext|>" != tokenizer.eos_token

@@ -84,6 +84,15 @@ class AdapterLayer(nn.Module):
         self.configs: dict[str, Any] = {}
         self.merged: list[str] = []
 
+    # Model code sometimes reads these straight off the module it called (T5 casts to wo.weight.dtype).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # ---- which adapters apply to this call
     def names(self) -> list[str]:
         return list(self.configs)

@@ -335,7 +335,9 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
     """
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         vocab = tokenizer.get_vocab()
-        candidate = next((tok for tok in _PAD_CANDIDATES if tok in vocab and tok != tokenizer.eos_token), None)
+        candidate = next(
+            (tok for tok in _PAD_CANDIDATES if tok in vocab and tok != tokenizer.eos_token), None
+        )
         if candidate is not None:
             tokenizer.pad_token = candidate
         elif tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -95,6 +95,7 @@ def resolve(
     for name, module in model.named_modules():
         if not name or _inside_adapter(name):
             continue
+        module = getattr(module, "base_layer", module)  # already wrapped by another adapter
         if targets == ALL_LINEAR:
             hit = is_linear(module) and name not in heads
         else:
