@@ -163,7 +163,7 @@ def test_multiple_active_adapters_add_up():
     torch.testing.assert_close(logits(model, inputs), out_b, atol=1e-6, rtol=0)
     graft.detach(model, "b")
     assert not any(isinstance(m, graft.core.AdapterLayer) for m in model.modules())
-    torch.testing.assert_close(logits(model, inputs), base, atol=0, rtol=0)
+    torch.testing.assert_close(logits(model, inputs), base, atol=1e-6, rtol=0)  # merge/unmerge rounding
 
 
 def test_config_is_frozen_and_copies_user_lists():

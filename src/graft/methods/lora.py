@@ -334,8 +334,8 @@ class LoraLinear(AdapterLayer):
 
     def remove(self, name: str) -> None:
         super().remove(name)
-        for store in (self.lora_dropout,):
-            store.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
         self.scaling.pop(name, None)
         self.init_ab.pop(name, None)
         self._stack_cache = None
