@@ -287,10 +287,15 @@ def attach(model: nn.Module, method: Method, name: str = "default", *, activate:
     state = state_of(model, create=True)
     if name in state.methods:
         raise ValueError(f"an adapter named '{name}' is already attached; detach it first or pick another name")
+    grads = {p: p.requires_grad for p in model.parameters()}
     if not state.methods:
         for p in model.parameters():
             p.requires_grad_(False)
-    method.apply(model, name, state)
+    try:
+        method.apply(model, name, state)
+    except BaseException:
+        _rollback(model, name, state, grads)
+        raise
     state.methods[name] = method
     for p in adapter_parameters(model, name).values():
         p.requires_grad_(True)
@@ -299,6 +304,19 @@ def attach(model: nn.Module, method: Method, name: str = "default", *, activate:
     if activate:
         state.active = [name]
     return model
+
+
+def _rollback(model: nn.Module, name: str, state: GraftState, grads: dict[nn.Parameter, bool]) -> None:
+    """Undo a half-done attach: the model is left exactly as it was."""
+    for lname, layer in list(adapter_layers(model)):
+        if name in layer.configs:
+            layer.remove(name)
+        if not layer.configs and lname:
+            set_submodule(model, lname, layer.base_layer)
+    for p, flag in grads.items():
+        p.requires_grad_(flag)
+    if not state.methods:
+        object.__delattr__(model, STATE_ATTR)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:

@@ -30,6 +30,7 @@ TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel and other causal LMs named before the ForCausalLM convention
 )
 
 

@@ -113,6 +113,12 @@ def resolve(
         found.append(name)
     if not found:
         raise ValueError(_no_match_message(model, targets, exclude, layer_set, what))
+    if not isinstance(targets, str):
+        # A typo next to good entries must not be silently ignored.
+        names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n)]
+        for entry in targets:
+            if not any(matches(n, [entry]) for n in names):
+                raise ValueError(_no_match_message(model, [entry], None, None, what))
     return found
 
 
@@ -130,14 +136,16 @@ def _no_match_message(model: nn.Module, targets: Spec, exclude: Spec, layers: se
     wanted = [targets] if isinstance(targets, str) else list(targets)
     hints: list[str] = []
     for w in wanted:
-        hints += difflib.get_close_matches(str(w).split(".")[-1], suffixes, n=3, cutoff=0.5)
+        for h in difflib.get_close_matches(str(w).split(".")[-1], suffixes, n=3, cutoff=0.5):
+            if h not in hints:
+                hints.append(h)  # best match first
     msg = f"{what}={targets!r} matches no module of {type(model).__name__}"
     if exclude:
         msg += f" (after exclude={exclude!r})"
     if layers is not None:
         msg += f" (restricted to layers {sorted(layers)})"
     if hints:
-        msg += f". Did you mean {sorted(set(hints))}?"
+        msg += f". Did you mean {hints}?"
     linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and is_linear(m)})
     msg += f" Linear module names in this model: {linear[:20]}; or use 'all-linear'."
     return msg
