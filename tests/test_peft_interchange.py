@@ -273,3 +273,33 @@ def test_principal_init_saves_plain_lora_of_original_base(arch, init, variant, t
     # graft reads it back the same way, on an untouched base.
     reloaded = graft.load(FACTORIES[arch](), tmp_path)
     torch.testing.assert_close(logits(reloaded, inputs), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_principal_init_checkpoint_loads_in_graft(init, tmp_path):
+    """An unconverted peft PiSSA/OLoRA checkpoint is relative to the rewritten base: graft redoes the init."""
+    inputs = batch_for("llama")
+    peft_model = get_peft_model(FACTORIES["llama"](), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS["llama"],
+                                                                 init_lora_weights=init))
+    perturb_adapters(peft_model, std=0.02)
+    peft_model.eval()
+    want = logits(peft_model, inputs)
+    assert_logits_changed(want, logits(FACTORIES["llama"](), inputs))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+
+    model = graft.load(FACTORIES["llama"](), tmp_path / "peft")
+    torch.testing.assert_close(logits(model, inputs), want, atol=1e-4, rtol=0)
+    # Re-saved by graft it is a plain rank-2r LoRA that peft applies to the untouched base.
+    graft.save(model, tmp_path / "graft")
+    torch.testing.assert_close(logits(peft_from_dir("llama", tmp_path / "graft"), inputs), want, atol=1e-4, rtol=0)
+
+
+def test_unreproducible_peft_init_is_refused(tmp_path):
+    peft_model = get_peft_model(FACTORIES["llama"](), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS["llama"],
+                                                                 init_lora_weights="pissa_niter_2"))
+    peft_model.save_pretrained(str(tmp_path))
+    model = FACTORIES["llama"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="pissa_niter_2"):
+        graft.load(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

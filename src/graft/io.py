@@ -197,8 +197,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{str(path)!r} has no {WEIGHTS_NAME}.{hint}")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several error types for damaged files
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except Exception as e:  # noqa: BLE001 (safetensors raises several error types for damaged files)
         raise ValueError(f"{file} is truncated or corrupted and cannot be read as safetensors ({e})") from None
 
 
@@ -277,5 +277,5 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
 
 
 def _short(keys: list[str], n: int = 5) -> str:
-    keys = [k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys]
+    keys = [k.removeprefix(PREFIX) for k in keys]
     return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

@@ -248,6 +248,16 @@ class LoRA(TargetedMethod):
             if config.get(key):
                 raise ValueError(f"this LoRA checkpoint uses peft's {key}={config[key]!r}, which graft does not support")
         targets = config.get("target_modules")
+        # peft's PiSSA/OLoRA rewrite the base weight when the adapter is created (also on load), and a
+        # checkpoint saved without conversion is relative to that residual base: redo the same init.
+        peft_init = config.get("init_lora_weights", True)
+        init = peft_init.lower() if isinstance(peft_init, str) and peft_init.lower() in ("pissa", "olora") else "default"
+        if isinstance(peft_init, str) and peft_init.lower().startswith(("pissa_niter_", "corda", "loftq")):
+            raise ValueError(
+                f"this LoRA checkpoint uses peft's init_lora_weights={peft_init!r}, which rewrites the base weights in "
+                "a way graft cannot reproduce; convert it in peft with save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...) to a plain LoRA first"
+            )
         return cls(
             r=int(config.get("r", 8)),
             alpha=config.get("lora_alpha", 8),
@@ -260,6 +270,7 @@ class LoRA(TargetedMethod):
             alpha_pattern=config.get("alpha_pattern") or {},
             rslora=bool(config.get("use_rslora", False)),
             dora=bool(config.get("use_dora", False)),
+            init=init,
             modules_to_save=config.get("modules_to_save"),
         )
 

@@ -1,0 +1,525 @@
+"""Core benchmarks: graft vs peft, side by side in one process.
+
+Measures the acceptance targets of the "core" issue and prints a markdown report (ratios are
+graft / peft, lower is better):
+
+  (a) attach time on a meta-device Llama-2-7B-shaped model (q,v r=8 and all-linear r=16);
+  (b) forward latency of SmolLM2-135M with one unmerged LoRA (r=16, alpha=32, all-linear) at
+      1x128 and 8x256 tokens, and a merged graft adapter against the plain base model;
+  (c) mixed-batch inference: 8 LoRA adapters (r=16, all-linear) routed over 32 rows, prefill
+      (32 x 32 tokens) and one decode step (32 x 1 token on a 32-token KV cache);
+      graft.route vs peft's ``adapter_names=``.
+
+Timings are interleaved (graft, peft, ... with the order rotated every repetition) after a
+warm-up, with ``torch.set_num_threads(2)``; the table gives the median time of each side and the
+median of the per-repetition ratios (each ratio is taken between neighbouring runs, which cancels
+slow drift of the machine). Both libraries get identical weights: the adapters are built and
+randomised (B != 0) in peft, saved, and loaded into graft with ``graft.load``; outputs are
+checked to agree before anything is timed.
+
+Usage:
+    .venv/bin/python benchmarks/core.py                       # full run (a few minutes)
+    .venv/bin/python benchmarks/core.py --quick               # smoke run, < 60 s
+    .venv/bin/python benchmarks/core.py --out docs/benchmarks.md   # also write the report section
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import logging
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+SECTION = "## Core (issue: core)"
+BEGIN = "<!-- benchmarks/core.py: begin generated -->"
+END = "<!-- benchmarks/core.py: end generated -->"
+COMMAND = ".venv/bin/python benchmarks/core.py"
+
+N_ADAPTERS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    attach_layers: int  # Llama-2-7B has 32
+    attach_reps: int
+    small: tuple[int, int]  # (batch, seq) of the small forward
+    large: tuple[int, int]
+    small_reps: int
+    large_reps: int
+    mixed_rows: int
+    mixed_prefill: int  # tokens per row in the prefill (and KV-cache length for the decode step)
+    prefill_reps: int
+    decode_reps: int
+    warmup: int
+
+
+FULL = Settings(
+    quick=False, attach_layers=32, attach_reps=7, small=(1, 128), large=(8, 256), small_reps=15,
+    large_reps=5, mixed_rows=32, mixed_prefill=32, prefill_reps=7, decode_reps=21, warmup=1,
+)
+QUICK = Settings(
+    quick=True, attach_layers=8, attach_reps=3, small=(1, 32), large=(2, 64), small_reps=3,
+    large_reps=3, mixed_rows=32, mixed_prefill=8, prefill_reps=3, decode_reps=5, warmup=1,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def _clock(fn: Callable[[], Any]) -> float:
+    """Seconds for one call, with the garbage collector out of the way (as timeit does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
+
+
+@dataclass
+class Case:
+    """One timed thing: ``prepare`` (untimed) returns what ``run`` (timed) needs."""
+
+    run: Callable[[Any], Any]
+    prepare: Callable[[], Any] = lambda: None
+
+
+def interleaved(cases: dict[str, Case], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Time every case ``reps`` times, alternating between cases, order rotated each repetition."""
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            case = cases[name]
+            case.run(case.prepare())
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            case = cases[name]
+            arg = case.prepare()
+            times[name].append(_clock(lambda c=case, a=arg: c.run(a)))
+    return times
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Row:
+    """One table row: ``ours`` (graft) against ``ref`` (peft or the base model)."""
+
+    section: str
+    what: str
+    ours: list[float]
+    ref: list[float]
+    ref_label: str = "peft"
+    target: float | None = None  # ratio must be <= target
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """Median of paired ratios (runs i of both sides were neighbours in time)."""
+        return statistics.median(a / b for a, b in zip(self.ours, self.ref))
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio <= self.target
+
+
+@dataclass
+class Report:
+    settings: Settings
+    rows: list[Row] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        tgt = "" if row.target is None else f"  (target <= {row.target:.2f}: {'met' if row.met else 'MISSED'})"
+        print(
+            f"  {row.what}: graft {_fmt(row.ours)}  {row.ref_label} {_fmt(row.ref)}  ratio {row.ratio:.3f}{tgt}",
+            file=sys.stderr, flush=True,
+        )
+
+    def check(self, line: str) -> None:
+        self.checks.append(line)
+        print(f"  check: {line}", file=sys.stderr, flush=True)
+
+
+def _fmt(times: list[float]) -> str:
+    m = statistics.median(times)
+    return f"{m * 1e3:.1f} ms" if m < 10 else f"{m:.2f} s"
+
+
+def _spread(times: list[float]) -> str:
+    """Relative half-range of the middle half of the samples, as a noise indicator."""
+    if len(times) < 4:
+        return f"n={len(times)}"
+    q = statistics.quantiles(times, n=4)
+    return f"n={len(times)}, IQR ±{50 * (q[2] - q[0]) / statistics.median(times):.0f}%"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        mem_gb = f", {int(mem.split()[1]) / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        mem_gb = ""
+    import peft
+    import transformers
+
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores{mem_gb}, no GPU; Python {platform.python_version()}, "
+        f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__}, peft {peft.__version__}"
+    )
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def to_markdown(report: Report, started_load: str) -> str:
+    s = report.settings
+    lines = [
+        BEGIN,
+        "",
+        f"Command: `{COMMAND}{' --quick' if s.quick else ''}` "
+        f"({'QUICK smoke run: smaller shapes, not the acceptance numbers; ' if s.quick else ''}"
+        f"wall time {report.wall_s:.0f} s).",
+        "",
+        f"Machine: {machine()}. Load average (1/5/15 min) at start {started_load}, at end {_load()}.",
+        "",
+        "Times are medians; ratio = graft / reference as the median of per-repetition ratios "
+        "(repetitions interleaved, order rotated, after a warm-up). Lower is better.",
+        "",
+        "| Measurement | graft | reference | ratio | target | result | samples |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in report.rows:
+        target = "—" if r.target is None else f"≤ {r.target:.2f}"
+        result = "—" if r.met is None else ("met" if r.met else "**missed**")
+        lines.append(
+            f"| {r.section} {r.what} | {_fmt(r.ours)} | {r.ref_label} {_fmt(r.ref)} | {r.ratio:.3f} | "
+            f"{target} | {result} | {_spread(r.ours)} / {_spread(r.ref)} |"
+        )
+    lines += ["", "Targets:", ""]
+    for r in report.rows:
+        if r.target is None:
+            continue
+        if r.met:
+            verdict = f"met ({r.ratio:.3f} ≤ {r.target:.2f})"
+        else:
+            verdict = f"**missed** by {100 * (r.ratio / r.target - 1):.1f}% ({r.ratio:.3f} > {r.target:.2f})"
+        lines.append(f"- {r.section} {r.what} vs {r.ref_label}: {verdict}{'. ' + r.note if r.note else ''}")
+    lines += ["", "Sanity checks (run before timing):", ""]
+    lines += [f"- {c}" for c in report.checks]
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, generated: str) -> None:
+    """Replace the generated block of the Core section in ``path`` (creating file/section as needed)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + generated.rstrip("\n") + tail
+    elif SECTION in text:
+        head, tail = text.split(SECTION, 1)
+        text = head + SECTION + "\n\n" + generated + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + generated
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------
+# (a) attach on a meta-device Llama-2-7B-shaped model
+
+
+def bench_attach(report: Report) -> None:
+    import graft
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = report.settings
+    cfg = LlamaConfig(
+        hidden_size=4096, num_hidden_layers=s.attach_layers, intermediate_size=11008, vocab_size=32000,
+        num_attention_heads=32, num_key_value_heads=32,
+    )
+
+    def fresh() -> torch.nn.Module:
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg)
+
+    shape = f"Llama-2-7B shape, {s.attach_layers} layers, meta"
+    variants = [
+        ("q,v r=8", dict(r=8, alpha=16, targets=("q_proj", "v_proj")),
+         dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])),
+        ("all-linear r=16", dict(r=16, alpha=32, targets="all-linear"),
+         dict(r=16, lora_alpha=32, target_modules="all-linear")),
+    ]
+    for label, gkw, pkw in variants:
+        cases = {
+            "graft": Case(prepare=fresh, run=lambda m, kw=gkw: graft.attach(m, graft.LoRA(**kw), name="default")),
+            "peft": Case(prepare=fresh, run=lambda m, kw=pkw: get_peft_model(m, LoraConfig(**kw))),
+            "peft_lcmu": Case(
+                prepare=fresh, run=lambda m, kw=pkw: get_peft_model(m, LoraConfig(**kw), low_cpu_mem_usage=True)
+            ),
+        }
+        # Same modules on both sides?
+        g, p = cases["graft"].run(fresh()), cases["peft"].run(fresh())
+        n_g = sum(1 for _ in graft.core.adapter_layers(g))
+        n_p = sum(1 for m in p.modules() if isinstance(m, LoraLayer))
+        report.check(f"(a) attach {label}: graft wraps {n_g} modules, peft {n_p}")
+        del g, p
+        t = interleaved(cases, s.attach_reps, s.warmup)
+        report.add(Row("(a)", f"attach {label} ({shape})", t["graft"], t["peft"], target=0.5))
+        report.add(Row("(a)", f"attach {label}, vs peft low_cpu_mem_usage=True", t["graft"], t["peft_lcmu"],
+                       ref_label="peft lcmu"))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared setup for (b) and (c): one base model, adapters built in peft, loaded into graft
+
+
+@dataclass
+class Models:
+    base: torch.nn.Module
+    adapter_dirs: dict[str, Path]
+    peft_multi: Any  # PeftModel holding all adapters
+
+
+def build_models(tmp: Path) -> Models:
+    import graft.models
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = graft.models.load("smollm2-135m")
+    base.eval()
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    torch.manual_seed(0)
+    peft_multi = get_peft_model(copy.deepcopy(base), cfg, adapter_name=names[0])
+    for n in names[1:]:
+        peft_multi.add_adapter(n, cfg)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for pname, p in peft_multi.named_parameters():
+            if ".lora_B." in pname:  # peft starts B at zero; make every adapter do something
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    peft_multi.eval()
+    peft_multi.save_pretrained(tmp, selected_adapters=names)
+    dirs = {}
+    for n in names:
+        d = tmp / n if (tmp / n / "adapter_config.json").exists() else tmp
+        dirs[n] = d
+    return Models(base=base, adapter_dirs=dirs, peft_multi=peft_multi)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _agree(report: Report, label: str, a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    diff = _max_diff(a, b)
+    scale = b.abs().max().item()
+    ok = diff <= atol + 1e-5 * scale
+    report.check(
+        f"{label}: max |Δlogits| = {diff:.2e} (|logits| ≤ {scale:.1f}; tolerance {atol:g} + 1e-5·max) "
+        f"{'OK' if ok else 'FAILED'}"
+    )
+    if not ok:
+        raise SystemExit(f"outputs disagree: {label}")
+
+
+# --------------------------------------------------------------------------------------------
+# (b) single-adapter forward latency
+
+
+def bench_forward(report: Report, models: Models) -> None:
+    import graft
+    from peft import PeftModel
+
+    s = report.settings
+    d = models.adapter_dirs["a0"]
+    base = models.base
+    g = graft.load(copy.deepcopy(base), d, name="a0")
+    p = PeftModel.from_pretrained(copy.deepcopy(base), d, adapter_name="a0").eval()
+    gm = graft.merge(graft.load(copy.deepcopy(base), d, name="a0"))
+
+    with torch.no_grad():
+        ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        lg, lp, lm, lb = (m(input_ids=ids).logits for m in (g, p, gm, base))
+        _agree(report, "(b) unmerged graft vs peft", lg, lp)
+        _agree(report, "(b) merged graft vs unmerged graft", lm, lg, atol=1e-3)
+        report.check(f"(b) adapter changes the output: max |Δlogits| vs base = {_max_diff(lg, lb):.2e}")
+        for (batch, seq), reps in ((s.small, s.small_reps), (s.large, s.large_reps)):
+            ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+            cases = {
+                "graft": Case(run=lambda _, m=g, x=ids: m(input_ids=x)),
+                "peft": Case(run=lambda _, m=p, x=ids: m(input_ids=x)),
+                "merged": Case(run=lambda _, m=gm, x=ids: m(input_ids=x)),
+                "base": Case(run=lambda _, m=base, x=ids: m(input_ids=x)),
+            }
+            t = interleaved(cases, reps, s.warmup)
+            shape = f"{batch}x{seq}"
+            report.add(Row("(b)", f"forward {shape}, unmerged LoRA", t["graft"], t["peft"], target=1.0))
+            report.add(Row("(b)", f"forward {shape}, graft merged vs plain base", t["merged"], t["base"],
+                           ref_label="base", target=1.03))
+            report.add(Row("(b)", f"forward {shape}, unmerged graft vs plain base", t["graft"], t["base"],
+                           ref_label="base"))
+    del g, p, gm
+    gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# (c) mixed-batch inference: 8 adapters routed over 32 rows
+
+
+def bench_mixed(report: Report, models: Models) -> None:
+    import graft
+
+    s = report.settings
+    base, pm = models.base, models.peft_multi
+    g = copy.deepcopy(base)
+    for n, d in models.adapter_dirs.items():
+        graft.load(g, d, name=n)
+    rows = s.mixed_rows
+    names = [f"a{i % N_ADAPTERS}" for i in range(rows)]
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, base.config.vocab_size, (rows, s.mixed_prefill), generator=gen)
+    nxt = torch.randint(0, base.config.vocab_size, (rows, 1), generator=gen)
+
+    def g_fwd(x: torch.Tensor, **kw: Any) -> Any:
+        with graft.route(g, names):
+            return g(input_ids=x, **kw)
+
+    def p_fwd(x: torch.Tensor, **kw: Any) -> Any:
+        return pm(input_ids=x, adapter_names=names, **kw)
+
+    with torch.no_grad():
+        og, op = g_fwd(ids, use_cache=True), p_fwd(ids, use_cache=True)
+        _agree(report, f"(c) mixed prefill {rows}x{s.mixed_prefill}, graft vs peft", og.logits, op.logits)
+        cache_g, cache_p, cache_b = og.past_key_values, op.past_key_values, base(input_ids=ids).past_key_values
+        dg = g_fwd(nxt, past_key_values=copy.deepcopy(cache_g)).logits
+        dp = p_fwd(nxt, past_key_values=copy.deepcopy(cache_p)).logits
+        _agree(report, "(c) mixed decode step, graft vs peft", dg, dp)
+        # Rows with the same adapter must match a single-adapter forward of that adapter.
+        with graft.route(g, ["a3"] * 2):
+            solo = g(input_ids=ids[[3, 11]]).logits
+        _agree(report, "(c) routed rows vs the same adapter alone (graft)", og.logits[[3, 11]], solo)
+        del og, op, dg, dp, solo
+
+        prefill = {
+            "graft": Case(run=lambda _: g_fwd(ids)),
+            "peft": Case(run=lambda _: p_fwd(ids)),
+            "base": Case(run=lambda _: base(input_ids=ids)),
+        }
+        t = interleaved(prefill, s.prefill_reps, s.warmup)
+        what = f"mixed prefill, {N_ADAPTERS} adapters / {rows} rows x {s.mixed_prefill} tok"
+        report.add(Row("(c)", what, t["graft"], t["peft"], target=0.5))
+        report.add(Row("(c)", f"{what}, graft vs plain base", t["graft"], t["base"], ref_label="base"))
+
+        decode = {
+            "graft": Case(prepare=lambda: copy.deepcopy(cache_g), run=lambda c: g_fwd(nxt, past_key_values=c)),
+            "peft": Case(prepare=lambda: copy.deepcopy(cache_p), run=lambda c: p_fwd(nxt, past_key_values=c)),
+            "base": Case(prepare=lambda: copy.deepcopy(cache_b), run=lambda c: base(input_ids=nxt, past_key_values=c)),
+        }
+        t = interleaved(decode, s.decode_reps, s.warmup)
+        what = f"mixed decode step, {N_ADAPTERS} adapters / {rows} rows x 1 tok, KV {s.mixed_prefill}"
+        report.add(Row("(c)", what, t["graft"], t["peft"], target=0.5))
+        report.add(Row("(c)", f"{what}, graft vs plain base", t["graft"], t["base"], ref_label="base"))
+    del g
+    gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions, smaller shapes (< 60 s)")
+    ap.add_argument("--out", type=Path, help="write the report into this markdown file's 'Core' section")
+    ap.add_argument("--only", choices=["attach", "forward", "mixed"], action="append",
+                    help="run only these parts (repeatable)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+    settings = QUICK if args.quick else FULL
+    report = Report(settings)
+    started_load = _load()
+    t0 = time.perf_counter()
+    parts = set(args.only or ["attach", "forward", "mixed"])
+    if "attach" in parts:
+        print("(a) attach", file=sys.stderr, flush=True)
+        bench_attach(report)
+    if parts & {"forward", "mixed"}:
+        with tempfile.TemporaryDirectory(prefix="graft-bench-") as tmp:
+            models = build_models(Path(tmp))
+            if "forward" in parts:
+                print("(b) forward", file=sys.stderr, flush=True)
+                bench_forward(report, models)
+            if "mixed" in parts:
+                print("(c) mixed batch", file=sys.stderr, flush=True)
+                bench_mixed(report, models)
+    report.wall_s = time.perf_counter() - t0
+    md = to_markdown(report, started_load)
+    print(md)
+    if args.out is not None:
+        write_section(args.out, md)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
