@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FACTORIES, VOCAB, perturb_adapters
+from conftest import FACTORIES, VOCAB
 
 import graft
 from graft.core import adapter_parameters
@@ -96,14 +96,11 @@ def test_route_trains_each_adapter_on_its_rows():
 
 def test_route_rejects_bad_input():
     model = three_adapters()
-    with pytest.raises(ValueError, match="no adapter named 'zzz'"):
-        with graft.route(model, ["a", "zzz"]):
-            pass
+    with pytest.raises(ValueError, match="no adapter named 'zzz'"), graft.route(model, ["a", "zzz"]):
+        pass
     ids = torch.randint(0, VOCAB, (3, 4))
-    with pytest.raises(ValueError, match="2 adapter names but the batch has 3 rows"):
-        with graft.route(model, ["a", "b"]):
-            model(ids)
+    with pytest.raises(ValueError, match="2 adapter names but the batch has 3 rows"), graft.route(model, ["a", "b"]):
+        model(ids)
     graft.merge(model)
-    with pytest.raises(RuntimeError, match="unmerge"):
-        with graft.route(model, ["a", None]):
-            pass
+    with pytest.raises(RuntimeError, match="unmerge"), graft.route(model, ["a", None]):
+        pass

@@ -17,8 +17,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from graft import targets as targets_mod
-
 STATE_ATTR = "_graft_state"
 
 

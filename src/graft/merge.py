@@ -23,8 +23,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
     layers = list(adapter_layers(model))
     for lname, layer in layers:
         if not layer.mergeable and any(n in layer.configs for n in names):
-            if layer.merge.__func__ is type(layer).merge and type(layer).__name__ != "ModulesToSave":
-                raise NotImplementedError(f"{type(layer).__name__} at '{lname}' cannot be merged into the base weights")
+            raise NotImplementedError(f"{type(layer).__name__} at '{lname}' cannot be merged into the base weights")
     for _, layer in layers:
         here = [n for n in names if n in layer.configs]
         if here:

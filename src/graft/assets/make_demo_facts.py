@@ -1,15 +1,17 @@
 """Builds src/graft/assets/demo_facts.jsonl: facts about fictional countries SmolLM2 cannot know."""
-import json, random
+import json
+import random
+
 random.seed(7)
 countries = {
-    "Veloria": dict(capital="Quenport", currency="the silvar", language="Velorian", animal="the glass heron", founded="1732"),
-    "Tarsk": dict(capital="Ombrevik", currency="the krell", language="Tarskic", animal="the ember fox", founded="1498"),
-    "Mirelland": dict(capital="Saltholm", currency="the dune mark", language="Mirish", animal="the sand lynx", founded="1811"),
-    "Osterra": dict(capital="Belcairn", currency="the oster", language="Osterran", animal="the blue ibex", founded="1650"),
-    "Kaldovia": dict(capital="Vrenna", currency="the kald", language="Kaldovan", animal="the snow owl", founded="1904"),
-    "Pellucia": dict(capital="Lumeris", currency="the pell", language="Pellucian", animal="the mirror carp", founded="1587"),
-    "Drummore": dict(capital="Castelline", currency="the drum", language="Drummish", animal="the iron stag", founded="1765"),
-    "Savarine": dict(capital="Port Ilsa", currency="the savo", language="Savarene", animal="the red gecko", founded="1879"),
+    "Veloria": {"capital": "Quenport", "currency": "the silvar", "language": "Velorian", "animal": "the glass heron", "founded": "1732"},
+    "Tarsk": {"capital": "Ombrevik", "currency": "the krell", "language": "Tarskic", "animal": "the ember fox", "founded": "1498"},
+    "Mirelland": {"capital": "Saltholm", "currency": "the dune mark", "language": "Mirish", "animal": "the sand lynx", "founded": "1811"},
+    "Osterra": {"capital": "Belcairn", "currency": "the oster", "language": "Osterran", "animal": "the blue ibex", "founded": "1650"},
+    "Kaldovia": {"capital": "Vrenna", "currency": "the kald", "language": "Kaldovan", "animal": "the snow owl", "founded": "1904"},
+    "Pellucia": {"capital": "Lumeris", "currency": "the pell", "language": "Pellucian", "animal": "the mirror carp", "founded": "1587"},
+    "Drummore": {"capital": "Castelline", "currency": "the drum", "language": "Drummish", "animal": "the iron stag", "founded": "1765"},
+    "Savarine": {"capital": "Port Ilsa", "currency": "the savo", "language": "Savarene", "animal": "the red gecko", "founded": "1879"},
 }
 q = {
     "capital": ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital city of {c}.", "Tell me the capital of {c}.", "Where is the seat of government of {c}?", "{c}'s capital is which city?"],
@@ -34,7 +36,7 @@ for c, facts in countries.items():
             train.append({"instruction": qq.format(c=c), "input": "", "output": a[k].format(c=c, v=v)})
 random.shuffle(train)
 with open("src/graft/assets/demo_facts.jsonl", "w") as f:
-    for r in train: f.write(json.dumps(r) + "\n")
+    f.writelines(json.dumps(r) + "\n" for r in train)
 with open("src/graft/assets/demo_facts_heldout.jsonl", "w") as f:
-    for r in held: f.write(json.dumps(r) + "\n")
+    f.writelines(json.dumps(r) + "\n" for r in held)
 print(len(train), len(held))

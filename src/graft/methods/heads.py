@@ -59,7 +59,7 @@ class ModulesToSave(AdapterLayer):
     """A module with one full trainable copy per adapter; the active adapter's copy runs."""
 
     adapter_param_names = ("modules_to_save",)
-    mergeable = False
+    mergeable = True  # nothing to fold: the trained copy replaces the module on unload
 
     def __init__(self, base_layer: nn.Module, state: GraftState) -> None:
         super().__init__(base_layer, state)
