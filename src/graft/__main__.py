@@ -1,0 +1,7 @@
+"""`python -m graft VERB ...` (also what torchrun launches)."""
+
+import sys
+
+from graft.cli import main
+
+sys.exit(main())

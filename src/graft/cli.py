@@ -1,0 +1,172 @@
+"""`graft <verb>`: the command line. Each verb's ``--help`` ends with an example."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "train": "graft train --model smollm2-135m --data train.jsonl --method lora --r 16 --targets all-linear "
+             "--epochs 1 --out runs/x\n  graft train config.yaml --max-steps 100",
+    "generate": 'graft generate --model smollm2-135m --adapter runs/x/adapter --prompt "What is LoRA?"',
+    "merge": "graft merge --model smollm2-135m --adapter runs/x/adapter --out runs/x/merged --dtype bf16",
+    "inspect": "graft inspect runs/x/adapter",
+}
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graft", description="Parameter-efficient adaptation of transformers.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    add_train_arguments(verb("train", "Fine-tune a model on a data file (LoRA and friends, or full)."))
+
+    g = verb("generate", "Generate text with a model and an optional adapter (chat template applied).")
+    g.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    g.add_argument("--adapter", help="adapter directory (PEFT format)")
+    g.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat-template", action="store_true", help="send the raw prompt")
+
+    m = verb("merge", "Merge an adapter into its base and write a plain transformers model directory.")
+    m.add_argument("--model", required=True)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+
+    i = verb("inspect", "Describe an adapter directory: method, rank, targets, sizes, base model.")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}[args.verb](args)
+    except (CliError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (flags override its keys)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    raise CliError("graft train is not available yet")
+
+
+def _load_model(name: str, adapter: str | None):
+    import graft
+    from graft import models
+
+    model, tokenizer = models.load(name)
+    if adapter:
+        graft.load(model, adapter)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    model, tok = _load_model(args.model, args.adapter)
+    torch.manual_seed(args.seed)
+    if args.no_chat_template or not getattr(tok, "chat_template", None):
+        texts = list(args.prompt)
+    else:
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in args.prompt]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=args.no_chat_template)
+    sample = args.temperature > 0
+    kw = {"do_sample": sample, "max_new_tokens": args.max_new_tokens, "pad_token_id": tok.pad_token_id}
+    if sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p)
+    with torch.no_grad():
+        out = model.generate(**enc, **kw)
+    for prompt, row in zip(args.prompt, out):
+        text = tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        print(text if len(args.prompt) == 1 else f"### {prompt}\n{text}\n")
+    return 0
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    import graft
+    from graft.io import atomic_dir_write
+
+    model, tok = _load_model(args.model, args.adapter)
+    plain = graft.unload(model, merge=True).to(getattr(torch, DTYPES[args.dtype]))
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    atomic_dir_write(Path(args.out), write)
+    print(f"wrote a merged {args.dtype} model to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def describe(path: str) -> dict:
+    """What an adapter directory holds: method, rank, targets, sizes, base model."""
+    from graft.io import WEIGHTS_NAME, read_config, read_tensors
+
+    cfg = read_config(path)
+    tensors = read_tensors(path)
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    return {
+        "path": str(path),
+        "method": cfg.get("peft_type"),
+        "variant": [k for k in ("use_dora", "use_rslora") if cfg.get(k)] or None,
+        "r": cfg.get("r"),
+        "alpha": cfg.get("lora_alpha"),
+        "targets": cfg.get("target_modules"),
+        "modules_to_save": cfg.get("modules_to_save"),
+        "task_type": cfg.get("task_type"),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "weights_file": WEIGHTS_NAME,
+        "bytes": size,
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "bytes":
+            v = f"{v:,} ({v / 1e6:.2f} MB)"
+        elif k == "parameters":
+            v = f"{v:,}"
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
