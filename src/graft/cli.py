@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}[args.verb](args)
-    except (CliError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
+    except (CliError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
         return 2
@@ -65,12 +65,78 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# (flag, type, help); the flag's name with "_" is the YAML key. Only flags given override the YAML.
+TRAIN_FLAGS = [
+    ("--model", str, "built-in name (smollm2-135m, minilm), transformers dir or .gguf file"),
+    ("--data", str, "training data: .jsonl, .json, .csv or .tsv"),
+    ("--eval-data", str, "held-out data (default: --eval-split of the training data)"),
+    ("--eval-split", float, "fraction of the training data held out for evaluation"),
+    ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
+    ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
+    ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
+    ("--method", str, "lora, rslora, dora or full"),
+    ("--r", int, "LoRA rank"),
+    ("--alpha", float, "LoRA alpha"),
+    ("--dropout", float, "LoRA dropout"),
+    ("--targets", str, "comma-separated module names, a regex, or all-linear"),
+    ("--task", str, "causal-lm or classification"),
+    ("--text-field", str, "column holding the text (classification)"),
+    ("--label-field", str, "column holding the label (classification)"),
+    ("--limit", int, "use only the first N training examples"),
+    ("--epochs", int, "passes over the data"),
+    ("--max-steps", int, "optimizer steps (overrides --epochs)"),
+    ("--batch-size", int, "examples per micro-batch"),
+    ("--grad-accum", int, "micro-batches per optimizer step"),
+    ("--lr", float, "peak learning rate"),
+    ("--weight-decay", float, "decoupled weight decay"),
+    ("--optimizer", str, "adamw or adamw8bit"),
+    ("--loraplus-ratio", float, "LoRA+: lr of B = ratio x lr"),
+    ("--schedule", str, "cosine, linear or constant"),
+    ("--warmup-steps", int, "linear warmup steps"),
+    ("--warmup-ratio", float, "warmup as a fraction of all steps"),
+    ("--max-grad-norm", float, "gradient clipping (0 = off)"),
+    ("--autocast", str, "bf16 or fp16 where the hardware supports it"),
+    ("--seed", int, "seed for weights init, data order and dropout"),
+    ("--eval-every", int, "evaluate every N steps"),
+    ("--save-every", int, "checkpoint every N steps"),
+    ("--logits-chunk", int, "rows of the output head computed at once"),
+    ("--out", str, "output directory (adapter, checkpoints, metrics.jsonl, loss.png)"),
+]
+TRAIN_SWITCHES = [
+    ("--packing", "pack several examples per row (default on for causal LM)"),
+    ("--train-on-prompt", "supervise the prompt tokens too"),
+    ("--chat-template", "render prompts with the tokenizer's chat template"),
+    ("--gradient-checkpointing", "recompute activations in backward to save memory"),
+]
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (flags override its keys)")
+    for flag, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, type=typ, help=help_, default=argparse.SUPPRESS)
+    for flag, help_ in TRAIN_SWITCHES:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    raise CliError("graft train is not available yet")
+    from graft import recipe
+
+    options = recipe.read_yaml(args.config) if args.config else {}
+    where = args.config or "flags"
+    given = {k: v for k, v in vars(args).items() if k not in ("verb", "config", "resume")}
+    if "out" in given:
+        given["out_dir"] = given.pop("out")
+    if "out" in options:
+        options["out_dir"] = options.pop("out")
+    options.update(given)
+    options.setdefault("out_dir", "runs/latest")
+    job, config = recipe.split_options(options, where)
+    _, _, result = recipe.run(job, config, resume=args.resume)
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
+          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+          + f", {result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {result.saved_to}")
+    return 0
 
 
 def _load_model(name: str, adapter: str | None):

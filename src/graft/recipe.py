@@ -1,0 +1,172 @@
+"""One fine-tuning job from a flat set of options: what `graft train`, the demo and the benchmarks run.
+
+Options come from a YAML file and/or flags (same names, ``-`` or ``_``); every option is checked
+before the model is loaded or any data is read, and everything that can be checked on the data
+(fields, lengths, formats) is checked before the first training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graft.train import TrainConfig
+
+METHODS = ("lora", "rslora", "dora", "full")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to fine-tune on what (the training loop's own settings live in ``TrainConfig``)."""
+
+    model: str = "smollm2-135m"
+    data: str | None = None
+    eval_data: str | None = None
+    eval_split: float = 0.0
+    format: str | None = None
+    template: str | None = None
+    max_length: int = 512
+    train_on_prompt: bool = False
+    chat_template: bool = False
+    packing: bool = True
+    method: str = "lora"
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    targets: str = "all-linear"
+    text_field: str | None = None
+    label_field: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split={self.eval_split!r} must be in [0, 1)")
+        if self.max_length < 8:
+            raise ValueError(f"max_length={self.max_length!r} must be at least 8")
+
+
+JOB_KEYS = {f.name for f in dataclasses.fields(Job)}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, not a {type(cfg).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+
+
+def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job, TrainConfig]:
+    """Check every key (suggesting the closest for a typo) and build the two configs."""
+    known = JOB_KEYS | TRAIN_KEYS
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown key '{key}' in {where}{hint} Known keys: {', '.join(sorted(known))}")
+    if isinstance(options.get("targets"), list):
+        options = {**options, "targets": ",".join(options["targets"])}
+    job = Job(**{k: v for k, v in options.items() if k in JOB_KEYS})
+    train_opts = {k: v for k, v in options.items() if k in TRAIN_KEYS}
+    if job.method != "full":
+        train_opts.setdefault("task", "causal-lm")
+    return job, TrainConfig(**train_opts)
+
+
+def _targets(spec: str) -> str | list[str]:
+    if spec == "all-linear" or any(c in spec for c in "*()[]|^$\\"):
+        return spec
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def build_method(job: Job):
+    import graft
+
+    if job.method == "full":
+        return None
+    return graft.LoRA(r=job.r, alpha=job.alpha, dropout=job.dropout, targets=_targets(job.targets),
+                      rslora=job.method == "rslora", dora=job.method == "dora")
+
+
+def prepare(job: Job, config: TrainConfig):
+    """Load data, model and adapter; return (model, tokenizer, train rows, eval rows, collate)."""
+    import graft
+    from graft import data, models
+
+    if job.data is None:
+        raise ValueError("no training data: pass --data FILE (jsonl, json, csv or tsv) or set data: in the config")
+    if not Path(job.data).exists():
+        raise FileNotFoundError(f"data file {job.data!r} does not exist")
+    fields = {k: v for k, v in (("text", job.text_field), ("label", job.label_field)) if v}
+    records = data.read(job.data)
+    if job.limit:
+        records = records[: job.limit]
+    eval_records = data.read(job.eval_data) if job.eval_data else []
+    if job.eval_split and not eval_records:
+        order = list(range(len(records)))
+        random.Random(config.seed).shuffle(order)
+        cut = max(1, int(len(records) * job.eval_split))
+        eval_records = [records[i] for i in order[:cut]]
+        records = [records[i] for i in order[cut:]]
+    classification = config.task == "classification"
+    label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
+    if classification:
+        model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map))
+    else:
+        model, tokenizer = models.load(job.model)
+    fmt = job.format or ("classification" if classification else None)
+    kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
+          "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
+          "label_map": label_map}
+    train_ex = data.tokenize(records, tokenizer, **kw)
+    eval_ex = data.tokenize(eval_records, tokenizer, **kw) if eval_records else None
+    method = build_method(job)
+    if method is not None:
+        graft.attach(model, method)
+    return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length,
+                                                           job.packing and not classification), label_map
+
+
+def make_collate(model, tokenizer, max_length: int, packed: bool):
+    """Batches of examples -> tensors. With packing, each batch's examples are packed into as few
+    rows as fit ``max_length`` (padding-free, attention confined per example), so an optimizer step
+    sees exactly the examples it would see unpacked: same loss, fewer wasted pad tokens.
+    """
+    from graft import data
+
+    pad = tokenizer.pad_token_id
+    if not packed:
+        return lambda batch: data.collate(batch, pad, packed=False)
+    model.config.use_cache = False  # packed rows are only confined per example without a cache
+    data.check_packing(model, use_cache=False)
+    return lambda batch: data.collate(data.pack(batch, max_length), pad, packed=True)
+
+
+def run(job: Job, config: TrainConfig, resume: bool = False):
+    """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``."""
+    from graft.train import train
+
+    model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config)
+    result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume)
+    if config.out_dir:
+        out = Path(config.out_dir)
+        target = out / ("adapter" if job.method != "full" else "model")
+        tokenizer.save_pretrained(target)
+        info = {"job": dataclasses.asdict(job), "train": dataclasses.asdict(config), "label_map": label_map}
+        (out / "job.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return model, tokenizer, result
