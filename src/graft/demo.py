@@ -1,8 +1,9 @@
 """`make demo`: graft end to end on SmolLM2-135M-Instruct, on this machine, in a few minutes.
 
-Attach LoRA, report trainable parameters, fine-tune on a bundled set of facts about fictional
-countries (the model cannot know them), save in the PEFT format, reload into a fresh model and
-check the outputs are identical, then merge and export a plain transformers model.
+Attach LoRA, report trainable parameters, fine-tune with graft's trainer on a bundled set of
+facts about fictional countries (the model cannot know them), score held-out paraphrased questions
+before and after, reload the saved PEFT-format adapter into a fresh model and check the outputs
+are identical, then merge and export a plain transformers model.
 """
 
 from __future__ import annotations
@@ -17,39 +18,14 @@ import torch
 from torch import nn
 
 import graft
-from graft import models
+from graft import models, recipe
+from graft.train import TrainConfig, train
 
 ASSETS = resources.files("graft") / "assets"
 
 
 def read_jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (ASSETS / name).read_text().splitlines() if line.strip()]
-
-
-def encode(tokenizer, row: dict) -> tuple[list[int], list[int]]:
-    """Chat-formatted ids and labels; only the answer (and its end-of-turn token) is supervised."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}],
-                                           tokenize=False, add_generation_prompt=True)
-    full = prompt + row["output"] + "<|im_end|>"
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    return ids, [-100] * len(p_ids) + ids[len(p_ids):]
-
-
-def batches(tokenizer, rows: list[dict], batch_size: int, steps: int, seed: int):
-    encoded = [encode(tokenizer, r) for r in rows]
-    g = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id
-    for step in range(steps):
-        if step % (len(encoded) // batch_size) == 0:
-            order = torch.randperm(len(encoded), generator=g).tolist()
-        start = (step % (len(encoded) // batch_size)) * batch_size
-        chunk = [encoded[i] for i in order[start:start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk])
-        yield ids, mask, labels
 
 
 @torch.no_grad()
@@ -69,44 +45,57 @@ def show(title: str, questions: list[str], answers: list[str]) -> None:
         print(f"  Q: {q}\n  A: {a}")
 
 
+def fact(row: dict) -> str:
+    """The fact an answer must contain, e.g. 'Quenport' from 'The capital of Veloria is Quenport.'"""
+    out = row["output"].rstrip(".")
+    for marker in (" is ", " uses ", " in "):
+        if marker in out:
+            out = out.rsplit(marker, 1)[1]
+    return out.removesuffix(" as its currency").removeprefix("the ")
+
+
+def score(answers: list[str], rows: list[dict]) -> float:
+    return sum(fact(r).lower() in a.lower() for a, r in zip(answers, rows)) / len(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    t0 = time.time()
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    t0 = time.time()
-
-    model, tokenizer = models.load("smollm2-135m")
+    data_file = str(ASSETS / "demo_facts.jsonl")
     held = read_jsonl("demo_facts_heldout.jsonl")
-    questions = [r["instruction"] for r in held[::5]][:6]
-    show("Before fine-tuning (held-out questions):", questions, answer(model, tokenizer, questions))
+    questions = [r["instruction"] for r in held]
+    shown = list(range(0, len(held), 7))
 
-    graft.attach(model, graft.LoRA(r=16, alpha=32, targets="all-linear"))
-    print(f"\nLoRA r=16 on every linear layer: {graft.report(model)}")
+    job = recipe.Job(model="smollm2-135m", data=data_file, format="alpaca", chat_template=True, r=16, alpha=32,
+                     targets="all-linear", max_length=128)
+    config = TrainConfig(lr=2e-3, epochs=args.epochs, batch_size=8, warmup_ratio=0.1, schedule="cosine",
+                         seed=args.seed, out_dir=str(out), progress=True)
+    model, tokenizer, train_rows, _, collate, _ = recipe.prepare(job, config)
+    print(f"\nLoRA r=16 on every linear layer of SmolLM2-135M-Instruct: {graft.report(model)}")
+    with graft.disabled(model):
+        before = answer(model, tokenizer, questions)
+    show("Before fine-tuning (held-out paraphrased questions):", [questions[i] for i in shown],
+         [before[i] for i in shown])
+    print(f"  held-out facts answered correctly: {score(before, held):.0%} of {len(held)}")
 
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.05, 1 - s / args.steps))
-    for step, (ids, mask, labels) in enumerate(batches(tokenizer, read_jsonl("demo_facts.jsonl"), 8, args.steps, args.seed)):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"  step {step:3d}  loss {loss.item():.4f}  ({time.time() - t0:.0f}s)")
+    print(f"\nFine-tuning on {len(train_rows)} examples of facts about fictional countries...")
+    result = train(model, train_rows, collate, config)
+    print(f"  {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.3f}, "
+          f"peak RSS {result.peak_rss_mb:.0f} MB; metrics and loss curve in {out}")
     model.eval()
-    show("After fine-tuning (same held-out questions):", questions, answer(model, tokenizer, questions))
+    after = answer(model, tokenizer, questions)
+    show("After fine-tuning (same questions):", [questions[i] for i in shown], [after[i] for i in shown])
+    print(f"  held-out facts answered correctly: {score(after, held):.0%} of {len(held)}")
 
-    adapter_dir = graft.save(model, out / "adapter")
-    size = sum(f.stat().st_size for f in adapter_dir.iterdir())
-    print(f"\nSaved the adapter in PEFT format to {adapter_dir} ({size / 1e6:.1f} MB)")
-
+    adapter_dir = out / "adapter"
+    size = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.name.startswith("adapter_model"))
+    print(f"\nAdapter saved in PEFT format to {adapter_dir} ({size / 1e6:.1f} MB)")
     fresh, _ = models.load("smollm2-135m")
     graft.load(fresh, adapter_dir)
     probe = tokenizer(["The capital of Veloria is"], return_tensors="pt")

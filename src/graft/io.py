@@ -135,9 +135,10 @@ def atomic_dir_write(path: Path, write: Any) -> None:
     tmp.mkdir()
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if path.exists():
             for f in path.iterdir():
                 if not (tmp / f.name).exists():

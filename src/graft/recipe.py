@@ -152,7 +152,8 @@ def make_collate(model, tokenizer, max_length: int, packed: bool):
     pad = tokenizer.pad_token_id
     if not packed:
         return lambda batch: data.collate(batch, pad, packed=False)
-    model.config.use_cache = False  # packed rows are only confined per example without a cache
+    # Packed rows are confined per example only without a KV cache: the trainer calls the model
+    # with use_cache=False; check once that this model family really confines attention.
     data.check_packing(model, use_cache=False)
     return lambda batch: data.collate(data.pack(batch, max_length), pad, packed=True)
 

@@ -1,0 +1,26 @@
+"""Training: a plain-PyTorch loop with selective-logits loss, LoRA+ groups, 8-bit AdamW, schedules,
+gradient accumulation, atomic checkpoints and exact resume.
+
+    from graft.train import TrainConfig, train
+    result = train(model, examples, collate, TrainConfig(lr=2e-4, epochs=1, out_dir="runs/x"))
+"""
+
+from graft.train.config import TrainConfig
+from graft.train.loop import TrainResult, epoch_batches, evaluate, train
+from graft.train.loss import causal_lm_loss, supervised_count
+from graft.train.optim import Schedule, build_optimizer, build_scheduler, lora_b_parameters, param_groups
+
+__all__ = [
+    "Schedule",
+    "TrainConfig",
+    "TrainResult",
+    "build_optimizer",
+    "build_scheduler",
+    "causal_lm_loss",
+    "epoch_batches",
+    "evaluate",
+    "lora_b_parameters",
+    "param_groups",
+    "supervised_count",
+    "train",
+]

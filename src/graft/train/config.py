@@ -1,0 +1,151 @@
+"""The training configuration: one frozen, validated, JSON-serialisable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("cosine", "linear", "constant")
+AUTOCAST = ("bf16", "fp16", None)
+TASKS = ("causal-lm", "classification")
+
+# Fields that decide which examples land in which step. Changing one of them on resume would make
+# the saved data position point at different data, so resuming with a different value is an error.
+DATA_ORDER_FIELDS = ("seed", "batch_size", "tokens_per_batch", "grad_accum", "task")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Args:
+        lr: Peak learning rate (> 0).
+        epochs: Passes over the training data (>= 1); ignored when ``max_steps`` is set.
+        max_steps: Optimizer steps to run; None runs ``epochs`` full passes.
+        batch_size: Examples per micro-batch; None when batches are built by ``tokens_per_batch``.
+        tokens_per_batch: Instead of a fixed ``batch_size``: fill each micro-batch with examples while
+            (longest length x count) stays within this budget (at least one example per batch).
+        grad_accum: Micro-batches per optimizer step (>= 1).
+        weight_decay: Decoupled weight decay (>= 0) for matrices; vectors (biases, norms, the DoRA
+            magnitude) are never decayed.
+        optimizer: "adamw" (torch) or "adamw8bit" (bitsandbytes, 8-bit optimizer states).
+        loraplus_ratio: LoRA+ (Hayou et al. 2024): train LoRA B matrices, and every trainable
+            vector, at ``ratio x lr`` (>= 1); None trains everything at ``lr``.
+        schedule: "cosine", "linear" (both decay to 0 at the last step) or "constant", after warmup.
+        warmup_steps: Linear warmup from 0 over this many steps.
+        warmup_ratio: Warmup as a fraction of the total steps, in [0, 1); use one of the two.
+        max_grad_norm: Clip the global gradient norm to this value; None or 0 disables clipping.
+        gradient_checkpointing: Recompute each decoder layer's activations in backward.
+        autocast: "bf16", "fp16" or None (fp32). On CPU, bf16 needs AVX512-BF16 or AMX.
+        seed: Seeds python, numpy and torch at the start, and the data order of every epoch.
+        eval_every: Evaluate every N steps (0: only at the end).
+        save_every: Write a checkpoint every N steps (0: none; the final weights are always saved).
+        keep_checkpoints: How many of the most recent checkpoints to keep (>= 1).
+        out_dir: Where checkpoints, metrics, the loss plot and the final adapter go; None writes nothing.
+        logits_chunk: Rows of the output head computed at once by the selective-logits loss.
+        selective_logits: Compute the language-model head only on supervised positions (causal LM).
+        task: "causal-lm" (next-token loss on ``labels`` != -100) or "classification".
+        log_every: Write a metrics line every N steps.
+        progress: Show a tqdm progress bar.
+    """
+
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int | None = 8
+    tokens_per_batch: int | None = None
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    loraplus_ratio: float | None = None
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    autocast: str | None = None
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    out_dir: str | None = None
+    logits_chunk: int = 512
+    selective_logits: bool = True
+    task: str = "causal-lm"
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _number("lr", self.lr, low=0.0, strict=True)
+        _integer("epochs", self.epochs, low=1)
+        if self.max_steps is not None:
+            _integer("max_steps", self.max_steps, low=1)
+        if self.batch_size is not None:
+            _integer("batch_size", self.batch_size, low=1)
+        if self.tokens_per_batch is not None:
+            _integer("tokens_per_batch", self.tokens_per_batch, low=1)
+        if (self.batch_size is None) == (self.tokens_per_batch is None):
+            raise ValueError(
+                f"TrainConfig needs exactly one of batch_size and tokens_per_batch, got "
+                f"batch_size={self.batch_size!r}, tokens_per_batch={self.tokens_per_batch!r}"
+            )
+        _integer("grad_accum", self.grad_accum, low=1)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.loraplus_ratio is not None:
+            _number("loraplus_ratio", self.loraplus_ratio, low=1.0)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _integer("warmup_steps", self.warmup_steps, low=0)
+        _number("warmup_ratio", self.warmup_ratio, low=0.0)
+        if self.warmup_ratio >= 1.0:
+            raise ValueError(f"TrainConfig warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(
+                f"TrainConfig sets both warmup_steps={self.warmup_steps!r} and warmup_ratio={self.warmup_ratio!r}; "
+                "use one"
+            )
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, low=0.0)
+        _flag("gradient_checkpointing", self.gradient_checkpointing)
+        _choice("autocast", self.autocast, AUTOCAST)
+        _integer("seed", self.seed, low=0)
+        _integer("eval_every", self.eval_every, low=0)
+        _integer("save_every", self.save_every, low=0)
+        _integer("keep_checkpoints", self.keep_checkpoints, low=1)
+        if self.out_dir is not None and not isinstance(self.out_dir, str):
+            object.__setattr__(self, "out_dir", str(self.out_dir))  # accept a Path, store JSON-friendly text
+        if self.save_every and self.out_dir is None:
+            raise ValueError(f"TrainConfig save_every={self.save_every!r} needs out_dir (got None)")
+        _integer("logits_chunk", self.logits_chunk, low=1)
+        _flag("selective_logits", self.selective_logits)
+        _choice("task", self.task, TASKS)
+        _integer("log_every", self.log_every, low=1)
+        _flag("progress", self.progress)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"TrainConfig {name}={value!r} must be an integer >= {low}")
+
+
+def _number(name: str, value: Any, low: float, strict: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if strict else value >= low))
+    if not ok:
+        raise ValueError(f"TrainConfig {name}={value!r} must be a finite number {'>' if strict else '>='} {low}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"TrainConfig {name}={value!r} is not one of {allowed}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"TrainConfig {name}={value!r} must be True or False")

@@ -1,0 +1,118 @@
+"""Optimizers (AdamW, 8-bit AdamW), LoRA+ parameter groups, and learning-rate schedules.
+
+LoRA+ (Hayou et al. 2024, §4): the B matrices learn at ``ratio x lr``. graft finds B through the
+adapter-layer protocol (every adapter layer's ``lora_B`` container), never by matching names.
+Decision, as in peft's ``create_loraplus_optimizer``: every trainable *vector* (the DoRA magnitude,
+biases trained with ``bias="all"``, a classifier head's bias) joins the fast group too, so runs
+compare with peft's. LoRA on embeddings (``lora_embedding_A/B``) stays at ``lr``: peft gives it a
+separate tiny rate (``loraplus_lr_embedding=1e-6``), a knob graft does not have.
+
+Weight decay applies to matrices only: vectors (biases, norm gains, the DoRA magnitude, whose
+decay would pull the weight norm towards zero) are never decayed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from graft.core import adapter_layers
+from graft.train.config import TrainConfig
+
+
+def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every LoRA B matrix of every adapter, found through the adapter layers' ``lora_B`` containers."""
+    out: list[nn.Parameter] = []
+    for _, layer in adapter_layers(model):
+        container = getattr(layer, "lora_B", None)
+        if isinstance(container, nn.ModuleDict):
+            for module in container.values():
+                out.extend(module.parameters())
+    return out
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in up to four groups: (base | LoRA+ fast) x (decayed | not decayed).
+
+    Raises:
+        ValueError: Nothing is trainable, or ``loraplus_ratio`` is set on a model without LoRA.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]  # shared (tied) tensors once
+    if not trainable:
+        raise ValueError("the model has no trainable parameters; attach an adapter (graft.attach) or unfreeze some")
+    fast: set[int] = set()
+    if config.loraplus_ratio is not None:
+        b = [p for p in lora_b_parameters(model) if p.requires_grad]
+        if not b:
+            raise ValueError(
+                f"TrainConfig loraplus_ratio={config.loraplus_ratio!r} needs trainable LoRA B matrices, "
+                "but the model has none; attach graft.LoRA(...) or set loraplus_ratio=None"
+            )
+        fast = {id(p) for p in b} | {id(p) for p in trainable if p.ndim < 2}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in trainable:
+        groups.setdefault((id(p) in fast, p.ndim >= 2), []).append(p)
+    out = []
+    for is_fast, decayed in ((False, True), (False, False), (True, True), (True, False)):
+        params = groups.get((is_fast, decayed))
+        if params:
+            out.append({
+                "params": params,
+                "name": ("loraplus" if is_fast else "base") + ("" if decayed else "_no_decay"),
+                "lr": config.lr * (config.loraplus_ratio if is_fast else 1.0),
+                "weight_decay": config.weight_decay if decayed else 0.0,
+            })
+    return out
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch) or AdamW8bit (bitsandbytes) over :func:`param_groups`."""
+    groups = param_groups(model, config)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes.optim as bnb_optim
+        except Exception as e:  # a broken native library raises more than ImportError
+            raise ImportError(
+                f"TrainConfig optimizer='adamw8bit' needs bitsandbytes, which failed to import ({e}); "
+                "pip install bitsandbytes, or use optimizer='adamw'"
+            ) from e
+        return bnb_optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@dataclass
+class Schedule:
+    """Learning-rate multiplier at an optimizer step (0-based), as in transformers' schedules.
+
+    Linear warmup from 0 (step 0 trains at lr 0, as in transformers), then ``kind``: cosine or
+    linear decay reaching 0 at ``total``, or constant. A plain object rather than a lambda so
+    ``LambdaLR.state_dict`` saves its fields and a checkpoint holds no code.
+    """
+
+    kind: str
+    warmup: int
+    total: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        if self.kind == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    return config.warmup_steps or math.ceil(config.warmup_ratio * total)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> LambdaLR:
+    """A ``LambdaLR`` applying :class:`Schedule` to every group's own peak lr (LoRA+ keeps its ratio)."""
+    return LambdaLR(optimizer, Schedule(config.schedule, warmup_steps(config, total), total))
