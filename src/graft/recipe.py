@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,11 @@ class Job:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        if self.format is not None:
+            from graft.data.formats import spec_for
+
+            spec_for(self.format)  # an unknown format fails here, before any data or model is loaded
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
         if not 0.0 <= self.eval_split < 1.0:
@@ -56,6 +62,22 @@ class Job:
 
 JOB_KEYS = {f.name for f in dataclasses.fields(Job)}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+# YAML 1.1 reads 2e-4 (no dot) as a string; these keys take it as the number it means.
+FLOAT_KEYS = {f.name for f in (*dataclasses.fields(Job), *dataclasses.fields(TrainConfig))
+              if f.type.split(" | ")[0] == "float"}
+_TYPES = {"str": (str, os.PathLike), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_types(job: Job) -> None:
+    """A value of the wrong type (``packing: "no"``, ``r: "16"``) is an error, not silently truthy."""
+    for f in dataclasses.fields(job):
+        value = getattr(job, f.name)
+        kind, _, optional = f.type.partition(" | ")
+        if value is None and optional:
+            continue
+        if not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{f.name}={value!r} must be {'an' if kind == 'int' else 'a'} {kind}"
+                             + (" (true or false)" if kind == "bool" else ""))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -68,7 +90,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a mapping of option: value, not a {type(cfg).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    for key in FLOAT_KEYS & cfg.keys():
+        if isinstance(cfg[key], str):
+            try:
+                cfg[key] = float(cfg[key])
+            except ValueError:
+                pass  # left as is: the config check names the key and the bad value
+    return cfg
 
 
 def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job, TrainConfig]:
@@ -77,7 +106,7 @@ def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job,
     for key in options:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = f"; did you mean '{close[0]}'?" if close else "."
             raise ValueError(f"unknown key '{key}' in {where}{hint} Known keys: {', '.join(sorted(known))}")
     if isinstance(options.get("targets"), list):
         options = {**options, "targets": ",".join(options["targets"])}
@@ -85,7 +114,10 @@ def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job,
     train_opts = {k: v for k, v in options.items() if k in TRAIN_KEYS}
     if job.method != "full":
         train_opts.setdefault("task", "causal-lm")
-    return job, TrainConfig(**train_opts)
+    try:
+        return job, TrainConfig(**train_opts)
+    except TypeError as e:  # a wrong-typed switch (gradient_checkpointing: "yes"): a user error
+        raise ValueError(str(e)) from None
 
 
 def _targets(spec: str) -> str | list[str]:

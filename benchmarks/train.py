@@ -1,0 +1,189 @@
+"""graft's trainer vs peft + transformers Trainer on the same model, data, LoRA config and seed.
+
+    .venv/bin/python benchmarks/train.py                 # both, side by side, prints ratios
+    .venv/bin/python benchmarks/train.py --examples 48   # quicker
+
+Model SmolLM2-135M-Instruct (fp32, CPU), data: GSM8K train problems from ../shared/data/gsm8k in
+the Alpaca template (instruction = question, output = worked answer), LoRA r=16 alpha=32
+all-linear, batch 8, max length 512, AdamW lr 2e-4 with 10% warmup then cosine, 1 epoch.
+Each implementation runs in its own subprocess so peak RSS is its own; the reference is the usual
+padded, unpacked recipe (right padding, full logits), in fp32. graft runs in fp32 with packing,
+selective logits and gradient checkpointing (the headline row), then with bf16 autocast where the
+CPU has AVX512-BF16/AMX; ``--ablate`` also runs graft with each technique alone.
+Run it on an otherwise idle machine: two processes sharing two cores distort every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+
+def rows(n: int) -> list[dict]:
+    out = []
+    with open(DATA) as f:
+        for line in f:
+            r = json.loads(line)
+            out.append({"instruction": r["question"], "input": "", "output": r["answer"]})
+            if len(out) == n:
+                break
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def encode_reference(tok, row: dict, max_length: int) -> dict:
+    """Stanford-Alpaca style: source and target tokenised separately, source masked with -100."""
+    src = tok(ALPACA.format(instruction=row["instruction"]), add_special_tokens=False)["input_ids"]
+    tgt = tok(row["output"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids = (src + tgt)[:max_length]
+    labels = ([-100] * len(src) + tgt)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def run_reference(args: argparse.Namespace) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from graft import models
+
+    torch.set_num_threads(2)
+    path = models.resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
+                                             task_type="CAUSAL_LM"))
+    data = [encode_reference(tok, r, args.max_length) for r in rows(args.examples)]
+    supervised = sum(sum(1 for x in d["labels"][1:] if x != -100) for d in data)
+    pad = tok.pad_token_id
+
+    def collate(batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.tensor([b["input_ids"] + [pad] * (width - len(b["input_ids"])) for b in batch])
+        lab = torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch])
+        mask = torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch])
+        return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+
+    targs = TrainingArguments(
+        output_dir=str(Path(args.tmp) / "ref"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
+        learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(0.1 * math.ceil(len(data) / args.batch_size)), weight_decay=0.0,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, data_seed=args.seed,
+        dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collate)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # per-step mean over supervised tokens
+    return {"impl": "peft+Trainer", "seconds": seconds, "supervised_tokens": supervised,
+            "sup_tok_per_s": supervised / seconds, "peak_rss_mb": peak_rss_mb(),
+            "final_loss": sum(losses[-3:]) / len(losses[-3:]), "losses": losses}
+
+
+def bf16_supported() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, checkpointing: bool,
+              bf16: bool = False) -> dict:
+    import torch
+
+    import graft
+    from graft import data, models, recipe
+    from graft.train import TrainConfig, train
+
+    torch.set_num_threads(2)
+    model, tok = models.load("smollm2-135m")
+    graft.attach(model, graft.LoRA(r=16, alpha=32, targets="all-linear"))
+    examples = data.tokenize(rows(args.examples), tok, format="alpaca", max_length=args.max_length)
+    collate = recipe.make_collate(model, tok, args.max_length, packed=packing)
+    cfg = TrainConfig(lr=args.lr, epochs=1, batch_size=args.batch_size, schedule="cosine", warmup_ratio=0.1,
+                      seed=args.seed, selective_logits=selective, gradient_checkpointing=checkpointing,
+                      max_grad_norm=1.0, progress=False, autocast="bf16" if bf16 else None)
+    t0 = time.perf_counter()
+    result = train(model, examples, collate, cfg)
+    seconds = time.perf_counter() - t0
+    supervised = data.stats(examples).supervised_tokens
+    on = [k for k, v in (("packing", packing), ("selective", selective), ("ckpt", checkpointing)) if v]
+    name = f"graft ({'+'.join(on) or 'plain'}{', bf16 autocast' if bf16 else ', fp32'})"
+    return {"impl": name, "seconds": seconds, "supervised_tokens": supervised, "sup_tok_per_s": supervised / seconds,
+            "peak_rss_mb": peak_rss_mb(), "final_loss": result.final_loss, "losses": result.losses}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.child == "reference":
+        out = run_reference(args)
+    else:
+        flags = dict(x.split("=") for x in args.child.split(",")[1:])
+        out = run_graft(args, **{k: v == "1" for k, v in flags.items()})
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablate", action="store_true", help="also run graft with each technique alone")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default="/tmp/graft-bench-train")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if not DATA.exists():
+        print(f"skipped: {DATA} not found (the benchmark reads ../shared/data)")
+        return
+    bf16 = "1" if bf16_supported() else "0"
+    runs = ["graft,packing=1,selective=1,checkpointing=1,bf16=0", "reference"]
+    if bf16 == "1":
+        runs.append("graft,packing=1,selective=1,checkpointing=1,bf16=1")
+    if args.ablate:
+        runs += ["graft,packing=0,selective=0,checkpointing=0", "graft,packing=1,selective=0,checkpointing=0",
+                 "graft,packing=0,selective=1,checkpointing=0", "graft,packing=0,selective=0,checkpointing=1"]
+    results = []
+    for run in runs:
+        cmd = [sys.executable, __file__, "--child", run] + [a for a in sys.argv[1:] if a != "--ablate"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            raise SystemExit(f"{run} failed")
+        results.append(json.loads(line[-1][7:]))
+        r = results[-1]
+        print(f"{r['impl']:<34} {r['seconds']:8.1f}s {r['sup_tok_per_s']:8.1f} sup tok/s "
+              f"{r['peak_rss_mb']:8.0f} MB peak RSS  final loss {r['final_loss']:.4f}", flush=True)
+    g, ref = results[0], results[1]
+    print("\n| run | time (s) | supervised tok/s | peak RSS (MB) | final loss |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['impl']} | {r['seconds']:.1f} | {r['sup_tok_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} |")
+    print(f"\nthroughput ratio graft/reference: {g['sup_tok_per_s'] / ref['sup_tok_per_s']:.2f}x (target >= 2.0x)")
+    print(f"peak RSS ratio graft/reference:   {g['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x (target <= 0.6x)")
+    print(f"final loss difference:            {100 * (g['final_loss'] - ref['final_loss']) / ref['final_loss']:+.2f}% "
+          "(target within 2%)")
+    for r in results[2:]:
+        print(f"{r['impl']}: throughput {r['sup_tok_per_s'] / ref['sup_tok_per_s']:.2f}x, "
+              f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, "
+              f"loss {100 * (r['final_loss'] - ref['final_loss']) / ref['final_loss']:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
