@@ -31,7 +31,6 @@ import gc
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 SECTION = "## Core (issue: core)"
 BEGIN = "<!-- benchmarks/core.py: begin generated -->"
@@ -73,20 +72,73 @@ class Settings:
     prefill_reps: int
     decode_reps: int
     warmup: int
+    wait_quiet_s: float  # before each block, wait up to this long for other processes to go quiet
+    retry_budget_s: float  # disturbed rounds are redone until this long after the start
 
 
 FULL = Settings(
     quick=False, attach_layers=32, attach_reps=7, small=(1, 128), large=(8, 256), small_reps=15,
     large_reps=5, mixed_rows=32, mixed_prefill=32, prefill_reps=7, decode_reps=21, warmup=1,
+    wait_quiet_s=30, retry_budget_s=420,
 )
 QUICK = Settings(
-    quick=True, attach_layers=8, attach_reps=3, small=(1, 32), large=(2, 64), small_reps=3,
-    large_reps=3, mixed_rows=32, mixed_prefill=8, prefill_reps=3, decode_reps=5, warmup=1,
+    quick=True, attach_layers=4, attach_reps=3, small=(1, 16), large=(2, 32), small_reps=3,
+    large_reps=3, mixed_rows=32, mixed_prefill=4, prefill_reps=3, decode_reps=5, warmup=1,
+    wait_quiet_s=0, retry_budget_s=0,
 )
 
 
 # --------------------------------------------------------------------------------------------
-# Timing
+# Timing, with a guard against other processes on the machine
+#
+# On a shared 2-core machine another busy process is catastrophic for 2-thread torch: every
+# parallel region waits for a descheduled thread, and a 100 ms forward can take seconds. So each
+# round (one run of every case) measures the CPU time used by *other* processes (system busy time
+# from /proc/stat minus our own CPU time); rounds where it exceeds ``QUIET_CORES`` are redone
+# while the time budget lasts, and the table reports how busy the rest of the machine was.
+
+QUIET_CORES = 0.25  # foreign CPU load (in cores) above which a round counts as disturbed
+
+
+def _busy_s() -> float | None:
+    """Seconds of non-idle CPU time of the whole machine since boot (None where unknown)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+
+
+class Foreign:
+    """Average CPU load (in cores) of other processes over a window."""
+
+    def __enter__(self) -> Foreign:  # noqa: PYI034 (py3.10: no typing.Self)
+        self.busy, self.own, self.wall = _busy_s(), time.process_time(), time.perf_counter()
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_s()
+        wall = time.perf_counter() - self.wall
+        if busy is not None and self.busy is not None and wall > 0:
+            self.cores = max(0.0, (busy - self.busy) - (time.process_time() - self.own)) / wall
+
+
+def wait_quiet(max_s: float) -> float:
+    """Wait up to ``max_s`` seconds for the other processes to go quiet; return their last load."""
+    deadline = time.monotonic() + max_s
+    waited = False
+    while True:
+        with Foreign() as f:
+            time.sleep(0.5)
+        if f.cores <= QUIET_CORES or time.monotonic() >= deadline:
+            return f.cores
+        if not waited:
+            print(f"  (waiting for other processes to go quiet: {f.cores:.1f} cores busy)", file=sys.stderr, flush=True)
+        waited = True
+        time.sleep(2.0)
 
 
 def _clock(fn: Callable[[], Any]) -> float:
@@ -109,21 +161,65 @@ class Case:
     prepare: Callable[[], Any] = lambda: None
 
 
-def interleaved(cases: dict[str, Case], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Time every case ``reps`` times, alternating between cases, order rotated each repetition."""
-    names = list(cases)
-    for _ in range(warmup):
-        for name in names:
-            case = cases[name]
-            case.run(case.prepare())
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            case = cases[name]
-            arg = case.prepare()
-            times[name].append(_clock(lambda c=case, a=arg: c.run(a)))
-    return times
+@dataclass
+class Timing:
+    times: dict[str, list[float]]
+    foreign: float  # mean load of other processes over the kept rounds, in cores
+    disturbed: int  # kept rounds whose foreign load exceeded QUIET_CORES
+    redone: int  # rounds thrown away and repeated
+
+
+class Clock:
+    """Runs interleaved rounds under a global deadline for redoing disturbed ones."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.deadline = time.monotonic() + settings.retry_budget_s
+
+    def interleaved(self, cases: dict[str, Case], reps: int) -> Timing:
+        """Time every case ``reps`` times, alternating between cases, order rotated each round."""
+        s = self.settings
+        if s.wait_quiet_s > 0:
+            wait_quiet(max(0.0, min(s.wait_quiet_s, self.deadline - time.monotonic())))
+        names = list(cases)
+        for _ in range(s.warmup):
+            for name in names:
+                case = cases[name]
+                case.run(case.prepare())
+        rounds: list[tuple[float, dict[str, float]]] = []
+        clean = redone = 0
+        rnd = 0
+        while clean < reps:
+            k = rnd % len(names)
+            rnd += 1
+            one: dict[str, float] = {}
+            with Foreign() as f:
+                for name in names[k:] + names[:k]:
+                    case = cases[name]
+                    arg = case.prepare()
+                    one[name] = _clock(lambda c=case, a=arg: c.run(a))
+            rounds.append((f.cores, one))
+            if f.cores <= QUIET_CORES:
+                clean += 1
+            elif len(rounds) < 3 * reps and time.monotonic() < self.deadline:
+                redone += 1
+                print(f"  (round disturbed: other processes used {f.cores:.1f} cores; redoing)",
+                      file=sys.stderr, flush=True)
+                wait_quiet(max(0.0, min(s.wait_quiet_s, self.deadline - time.monotonic())))
+            else:
+                clean += 1  # out of budget: keep it, flagged
+        # Keep the clean rounds; top up with the least disturbed ones when there are too few.
+        ok = [r for r in rounds if r[0] <= QUIET_CORES]
+        bad = sorted((r for r in rounds if r[0] > QUIET_CORES), key=lambda r: r[0])
+        kept = ok + bad[: max(0, reps - len(ok))]
+        kept = kept[:reps] if len(ok) >= reps else kept
+        times = {name: [r[1][name] for r in kept] for name in names}
+        return Timing(
+            times=times,
+            foreign=statistics.fmean(r[0] for r in kept),
+            disturbed=sum(r[0] > QUIET_CORES for r in kept),
+            redone=len(rounds) - len(kept),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,15 +228,25 @@ def interleaved(cases: dict[str, Case], reps: int, warmup: int) -> dict[str, lis
 
 @dataclass
 class Row:
-    """One table row: ``ours`` (graft) against ``ref`` (peft or the base model)."""
+    """One table row: ``ours`` (normally graft) against ``ref`` (peft or the base model)."""
 
     section: str
     what: str
-    ours: list[float]
-    ref: list[float]
+    timing: Timing
+    ours_key: str
+    ref_key: str
+    ours_label: str = "graft"
     ref_label: str = "peft"
     target: float | None = None  # ratio must be <= target
     note: str = ""
+
+    @property
+    def ours(self) -> list[float]:
+        return self.timing.times[self.ours_key]
+
+    @property
+    def ref(self) -> list[float]:
+        return self.timing.times[self.ref_key]
 
     @property
     def ratio(self) -> float:
@@ -155,6 +261,7 @@ class Row:
 @dataclass
 class Report:
     settings: Settings
+    clock: Clock
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     wall_s: float = 0.0
@@ -163,7 +270,8 @@ class Report:
         self.rows.append(row)
         tgt = "" if row.target is None else f"  (target <= {row.target:.2f}: {'met' if row.met else 'MISSED'})"
         print(
-            f"  {row.what}: graft {_fmt(row.ours)}  {row.ref_label} {_fmt(row.ref)}  ratio {row.ratio:.3f}{tgt}",
+            f"  {row.what}: {row.ours_label} {_fmt(row.ours)}  {row.ref_label} {_fmt(row.ref)}  "
+            f"ratio {row.ratio:.3f}{tgt}  [other load {row.timing.foreign:.2f} cores]",
             file=sys.stderr, flush=True,
         )
 
@@ -178,11 +286,20 @@ def _fmt(times: list[float]) -> str:
 
 
 def _spread(times: list[float]) -> str:
-    """Relative half-range of the middle half of the samples, as a noise indicator."""
+    """Half the interquartile range relative to the median, as a noise indicator."""
     if len(times) < 4:
-        return f"n={len(times)}"
+        return "—"
     q = statistics.quantiles(times, n=4)
-    return f"n={len(times)}, IQR ±{50 * (q[2] - q[0]) / statistics.median(times):.0f}%"
+    return f"±{50 * (q[2] - q[0]) / statistics.median(times):.0f}%"
+
+
+def _noise(t: Timing) -> str:
+    text = f"{len(next(iter(t.times.values())))}, {t.foreign:.2f}"
+    if t.redone:
+        text += f", {t.redone} redone"
+    if t.disturbed:
+        text += f", **{t.disturbed} disturbed**"
+    return text
 
 
 def machine() -> str:
@@ -221,24 +338,32 @@ def to_markdown(report: Report, started_load: str) -> str:
     lines = [
         BEGIN,
         "",
-        f"Command: `{COMMAND}{' --quick' if s.quick else ''}` "
-        f"({'QUICK smoke run: smaller shapes, not the acceptance numbers; ' if s.quick else ''}"
-        f"wall time {report.wall_s:.0f} s).",
+        (
+            f"Command: `{COMMAND}{' --quick' if s.quick else ''}` "
+            f"({'QUICK smoke run: smaller shapes, not the acceptance numbers; ' if s.quick else ''}"
+            f"wall time {report.wall_s:.0f} s)."
+        ),
         "",
         f"Machine: {machine()}. Load average (1/5/15 min) at start {started_load}, at end {_load()}.",
         "",
-        "Times are medians; ratio = graft / reference as the median of per-repetition ratios "
-        "(repetitions interleaved, order rotated, after a warm-up). Lower is better.",
+        (
+            "Times are medians over rounds; in each round every case runs once (order rotated, after a "
+            "warm-up), and ratio = measured / reference is the median of the per-round ratios. Lower is "
+            "better. IQR: half the interquartile range over the median (measured / reference). Rounds, "
+            "other load: kept rounds and the mean CPU load of other processes during them, in cores "
+            f"(rounds above {QUIET_CORES} cores are redone while the time budget lasts; any kept anyway "
+            "are counted as disturbed)."
+        ),
         "",
-        "| Measurement | graft | reference | ratio | target | result | samples |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| Measurement | measured | reference | ratio | target | result | IQR | rounds, other load |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in report.rows:
         target = "—" if r.target is None else f"≤ {r.target:.2f}"
         result = "—" if r.met is None else ("met" if r.met else "**missed**")
         lines.append(
-            f"| {r.section} {r.what} | {_fmt(r.ours)} | {r.ref_label} {_fmt(r.ref)} | {r.ratio:.3f} | "
-            f"{target} | {result} | {_spread(r.ours)} / {_spread(r.ref)} |"
+            f"| {r.section} {r.what} | {r.ours_label} {_fmt(r.ours)} | {r.ref_label} {_fmt(r.ref)} | "
+            f"{r.ratio:.3f} | {target} | {result} | {_spread(r.ours)} / {_spread(r.ref)} | {_noise(r.timing)} |"
         )
     lines += ["", "Targets:", ""]
     for r in report.rows:
@@ -248,7 +373,9 @@ def to_markdown(report: Report, started_load: str) -> str:
             verdict = f"met ({r.ratio:.3f} ≤ {r.target:.2f})"
         else:
             verdict = f"**missed** by {100 * (r.ratio / r.target - 1):.1f}% ({r.ratio:.3f} > {r.target:.2f})"
-        lines.append(f"- {r.section} {r.what} vs {r.ref_label}: {verdict}{'. ' + r.note if r.note else ''}")
+        lines.append(
+            f"- {r.section} {r.what}, {r.ours_label} vs {r.ref_label}: {verdict}{'. ' + r.note if r.note else ''}"
+        )
     lines += ["", "Sanity checks (run before timing):", ""]
     lines += [f"- {c}" for c in report.checks]
     lines += ["", END]
@@ -276,10 +403,11 @@ def write_section(path: Path, generated: str) -> None:
 
 
 def bench_attach(report: Report) -> None:
-    import graft
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import graft
 
     s = report.settings
     cfg = LlamaConfig(
@@ -293,10 +421,10 @@ def bench_attach(report: Report) -> None:
 
     shape = f"Llama-2-7B shape, {s.attach_layers} layers, meta"
     variants = [
-        ("q,v r=8", dict(r=8, alpha=16, targets=("q_proj", "v_proj")),
-         dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])),
-        ("all-linear r=16", dict(r=16, alpha=32, targets="all-linear"),
-         dict(r=16, lora_alpha=32, target_modules="all-linear")),
+        ("q,v r=8", {"r": 8, "alpha": 16, "targets": ("q_proj", "v_proj")},
+         {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+        ("all-linear r=16", {"r": 16, "alpha": 32, "targets": "all-linear"},
+         {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}),
     ]
     for label, gkw, pkw in variants:
         cases = {
@@ -312,9 +440,9 @@ def bench_attach(report: Report) -> None:
         n_p = sum(1 for m in p.modules() if isinstance(m, LoraLayer))
         report.check(f"(a) attach {label}: graft wraps {n_g} modules, peft {n_p}")
         del g, p
-        t = interleaved(cases, s.attach_reps, s.warmup)
-        report.add(Row("(a)", f"attach {label} ({shape})", t["graft"], t["peft"], target=0.5))
-        report.add(Row("(a)", f"attach {label}, vs peft low_cpu_mem_usage=True", t["graft"], t["peft_lcmu"],
+        t = report.clock.interleaved(cases, s.attach_reps)
+        report.add(Row("(a)", f"attach {label} ({shape})", t, "graft", "peft", target=0.5))
+        report.add(Row("(a)", f"attach {label}, vs peft `low_cpu_mem_usage=True`", t, "graft", "peft_lcmu",
                        ref_label="peft lcmu"))
 
 
@@ -330,8 +458,9 @@ class Models:
 
 
 def build_models(tmp: Path) -> Models:
-    import graft.models
     from peft import LoraConfig, get_peft_model
+
+    import graft.models
 
     base, _ = graft.models.load("smollm2-135m")
     base.eval()
@@ -376,8 +505,9 @@ def _agree(report: Report, label: str, a: torch.Tensor, b: torch.Tensor, atol: f
 
 
 def bench_forward(report: Report, models: Models) -> None:
-    import graft
     from peft import PeftModel
+
+    import graft
 
     s = report.settings
     d = models.adapter_dirs["a0"]
@@ -400,12 +530,12 @@ def bench_forward(report: Report, models: Models) -> None:
                 "merged": Case(run=lambda _, m=gm, x=ids: m(input_ids=x)),
                 "base": Case(run=lambda _, m=base, x=ids: m(input_ids=x)),
             }
-            t = interleaved(cases, reps, s.warmup)
+            t = report.clock.interleaved(cases, reps)
             shape = f"{batch}x{seq}"
-            report.add(Row("(b)", f"forward {shape}, unmerged LoRA", t["graft"], t["peft"], target=1.0))
-            report.add(Row("(b)", f"forward {shape}, graft merged vs plain base", t["merged"], t["base"],
-                           ref_label="base", target=1.03))
-            report.add(Row("(b)", f"forward {shape}, unmerged graft vs plain base", t["graft"], t["base"],
+            report.add(Row("(b)", f"forward {shape}, unmerged LoRA", t, "graft", "peft", target=1.0))
+            report.add(Row("(b)", f"forward {shape}, merged LoRA vs plain base", t, "merged", "base",
+                           ours_label="graft merged", ref_label="base", target=1.03))
+            report.add(Row("(b)", f"forward {shape}, unmerged LoRA vs plain base", t, "graft", "base",
                            ref_label="base"))
     del g, p, gm
     gc.collect()
@@ -454,25 +584,33 @@ def bench_mixed(report: Report, models: Models) -> None:
             "peft": Case(run=lambda _: p_fwd(ids)),
             "base": Case(run=lambda _: base(input_ids=ids)),
         }
-        t = interleaved(prefill, s.prefill_reps, s.warmup)
+        t = report.clock.interleaved(prefill, s.prefill_reps)
         what = f"mixed prefill, {N_ADAPTERS} adapters / {rows} rows x {s.mixed_prefill} tok"
-        report.add(Row("(c)", what, t["graft"], t["peft"], target=0.5))
-        report.add(Row("(c)", f"{what}, graft vs plain base", t["graft"], t["base"], ref_label="base"))
+        report.add(Row("(c)", what, t, "graft", "peft", target=0.5))
+        report.add(Row("(c)", f"{what}: graft vs plain base (adapter overhead)", t, "graft", "base",
+                       ref_label="base"))
+        report.add(Row("(c)", f"{what}: plain base vs peft (floor for any graft ratio)", t, "base", "peft",
+                       ours_label="base"))
 
         decode = {
             "graft": Case(prepare=lambda: copy.deepcopy(cache_g), run=lambda c: g_fwd(nxt, past_key_values=c)),
             "peft": Case(prepare=lambda: copy.deepcopy(cache_p), run=lambda c: p_fwd(nxt, past_key_values=c)),
             "base": Case(prepare=lambda: copy.deepcopy(cache_b), run=lambda c: base(input_ids=nxt, past_key_values=c)),
         }
-        t = interleaved(decode, s.decode_reps, s.warmup)
+        t = report.clock.interleaved(decode, s.decode_reps)
         what = f"mixed decode step, {N_ADAPTERS} adapters / {rows} rows x 1 tok, KV {s.mixed_prefill}"
-        report.add(Row("(c)", what, t["graft"], t["peft"], target=0.5))
-        report.add(Row("(c)", f"{what}, graft vs plain base", t["graft"], t["base"], ref_label="base"))
-    del g
-    gc.collect()
+        report.add(Row("(c)", what, t, "graft", "peft", target=0.5))
+        report.add(Row("(c)", f"{what}: graft vs plain base (adapter overhead)", t, "graft", "base",
+                       ref_label="base"))
+        report.add(Row("(c)", f"{what}: plain base vs peft (floor for any graft ratio)", t, "base", "peft",
+                       ours_label="base"))
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _progress(t0: float, what: str) -> None:
+    print(f"[{time.perf_counter() - t0:5.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,21 +634,22 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     settings = QUICK if args.quick else FULL
-    report = Report(settings)
+    report = Report(settings, Clock(settings))
     started_load = _load()
     t0 = time.perf_counter()
     parts = set(args.only or ["attach", "forward", "mixed"])
     if "attach" in parts:
-        print("(a) attach", file=sys.stderr, flush=True)
+        _progress(t0, "(a) attach")
         bench_attach(report)
     if parts & {"forward", "mixed"}:
         with tempfile.TemporaryDirectory(prefix="graft-bench-") as tmp:
+            _progress(t0, "loading SmolLM2-135M, building 8 adapters in peft")
             models = build_models(Path(tmp))
             if "forward" in parts:
-                print("(b) forward", file=sys.stderr, flush=True)
+                _progress(t0, "(b) forward")
                 bench_forward(report, models)
             if "mixed" in parts:
-                print("(c) mixed batch", file=sys.stderr, flush=True)
+                _progress(t0, "(c) mixed batch")
                 bench_mixed(report, models)
     report.wall_s = time.perf_counter() - t0
     md = to_markdown(report, started_load)
