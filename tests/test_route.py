@@ -104,3 +104,17 @@ def test_route_rejects_bad_input():
     graft.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"), graft.route(model, ["a", None]):
         pass
+
+
+def test_route_cache_follows_weight_updates():
+    model = three_adapters()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), graft.route(model, ["a", "b"]):
+        first = model(ids).logits
+        for p in adapter_parameters(model, "a").values():
+            p.mul_(2.0)  # in place, as an optimizer step would
+        second = model(ids).logits
+    assert not torch.allclose(first[0], second[0], atol=1e-4)  # row "a" sees its new weights
+    torch.testing.assert_close(first[1], second[1], atol=0, rtol=0)  # row "b" is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(second[:1], alone(model, ids[:1], "a"), atol=1e-5, rtol=0)

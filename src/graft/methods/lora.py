@@ -328,6 +328,7 @@ class LoraLinear(AdapterLayer):
         self._norms: dict[str, torch.Tensor] = {}  # DoRA: the row norms used when merging
         self.init_ab: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA A0, B0
         self._stack_cache: tuple[Any, ...] | None = None
+        self._row_cache: tuple[Any, ...] | None = None
 
     def add(self, name: str, spec: LoraSpec) -> None:
         weight = self.base_layer.weight
@@ -349,7 +350,7 @@ class LoraLinear(AdapterLayer):
             del self.lora_dropout[name]
         self.scaling.pop(name, None)
         self.init_ab.pop(name, None)
-        self._stack_cache = None
+        self._stack_cache = self._row_cache = None
 
     # ---- math
     def base_weight(self) -> torch.Tensor:
@@ -433,14 +434,31 @@ class LoraLinear(AdapterLayer):
             self.training and any(self.configs[n].dropout > 0 for n in names if n in self.configs)
         ):
             return routed_loop(self, x, names)
-        a, b, scale = self._stacks(names)
         squeeze = x.dim() == 2
-        xb = (x.unsqueeze(1) if squeeze else x).to(a.dtype)  # (batch, seq, d_in)
-        idx = self.row_index(xb.shape[0], x.device)
-        idx = torch.where(idx < 0, len(names), idx)
-        h = torch.bmm(xb, a[idx].transpose(1, 2)) * scale[idx].view(-1, 1, 1)  # (batch, seq, r_max)
-        out = torch.bmm(h, b[idx].transpose(1, 2))  # (batch, seq, d_out)
+        xb = x.unsqueeze(1) if squeeze else x  # (batch, seq, d_in)
+        a_rows, b_rows = self._row_factors(names, xb.shape[0], x.device)
+        h = torch.bmm(xb.to(a_rows.dtype), a_rows)  # (batch, seq, r_max), scaling folded into A
+        out = torch.bmm(h, b_rows)  # (batch, seq, d_out)
         return out.squeeze(1) if squeeze else out
+
+    def _row_factors(self, names: list[str], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (s·A)ᵀ (batch, d_in, r_max) and Bᵀ (batch, r_max, d_out).
+
+        Without gradients they are gathered once per routing and reused by every decoding step.
+        """
+        a, b, scale = self._stacks(names)
+        key = (tuple(self._state.routing or ()), batch)
+        cache = self._row_cache  # (stacked A it was gathered from, key, A rows, B rows)
+        if cache is not None and cache[0] is a and cache[1] == key and not torch.is_grad_enabled():
+            return cache[2], cache[3]
+        idx = self.row_index(batch, device)
+        idx = torch.where(idx < 0, len(names), idx)
+        a_rows = (a[idx] * scale[idx].view(-1, 1, 1)).transpose(1, 2)
+        b_rows = b[idx].transpose(1, 2)
+        if not torch.is_grad_enabled():
+            self._row_cache = (a, key, a_rows.contiguous(), b_rows.contiguous())
+            return self._row_cache[2], self._row_cache[3]
+        return a_rows, b_rows
 
     def _routed_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The delta one adapter adds to rows ``x`` (used by the loop fallback)."""
