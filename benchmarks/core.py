@@ -72,19 +72,19 @@ class Settings:
     prefill_reps: int
     decode_reps: int
     warmup: int
-    wait_quiet_s: float  # before each block, wait up to this long for other processes to go quiet
-    retry_budget_s: float  # disturbed rounds are redone until this long after the start
+    retry_block_s: float  # per block: seconds of waiting for quiet / redoing disturbed rounds
+    retry_total_s: float  # the same, for the whole run
 
 
 FULL = Settings(
     quick=False, attach_layers=32, attach_reps=7, small=(1, 128), large=(8, 256), small_reps=15,
     large_reps=5, mixed_rows=32, mixed_prefill=32, prefill_reps=7, decode_reps=21, warmup=1,
-    wait_quiet_s=30, retry_budget_s=420,
+    retry_block_s=60, retry_total_s=240,
 )
 QUICK = Settings(
     quick=True, attach_layers=4, attach_reps=3, small=(1, 16), large=(2, 32), small_reps=3,
     large_reps=3, mixed_rows=32, mixed_prefill=4, prefill_reps=3, decode_reps=5, warmup=1,
-    wait_quiet_s=0, retry_budget_s=0,
+    retry_block_s=0, retry_total_s=0,
 )
 
 
@@ -170,29 +170,38 @@ class Timing:
 
 
 class Clock:
-    """Runs interleaved rounds under a global deadline for redoing disturbed ones."""
+    """Runs interleaved rounds; disturbed rounds are redone within a per-block and a global budget."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.deadline = time.monotonic() + settings.retry_budget_s
+        self.budget_left = settings.retry_total_s
+
+    def _wait(self, block_left: float) -> float:
+        """Wait for quiet within the budgets; return the seconds spent."""
+        t0 = time.monotonic()
+        wait_quiet(max(0.0, min(block_left, self.budget_left)))
+        return time.monotonic() - t0
 
     def interleaved(self, cases: dict[str, Case], reps: int) -> Timing:
         """Time every case ``reps`` times, alternating between cases, order rotated each round."""
         s = self.settings
-        if s.wait_quiet_s > 0:
-            wait_quiet(max(0.0, min(s.wait_quiet_s, self.deadline - time.monotonic())))
+        block_left = s.retry_block_s
+        spent = self._wait(block_left) if s.retry_block_s > 0 else 0.0
+        block_left -= spent
+        self.budget_left -= spent
         names = list(cases)
         for _ in range(s.warmup):
             for name in names:
                 case = cases[name]
                 case.run(case.prepare())
         rounds: list[tuple[float, dict[str, float]]] = []
-        clean = redone = 0
+        kept_count = 0
         rnd = 0
-        while clean < reps:
+        while kept_count < reps:
             k = rnd % len(names)
             rnd += 1
             one: dict[str, float] = {}
+            t0 = time.monotonic()
             with Foreign() as f:
                 for name in names[k:] + names[:k]:
                     case = cases[name]
@@ -200,19 +209,19 @@ class Clock:
                     one[name] = _clock(lambda c=case, a=arg: c.run(a))
             rounds.append((f.cores, one))
             if f.cores <= QUIET_CORES:
-                clean += 1
-            elif len(rounds) < 3 * reps and time.monotonic() < self.deadline:
-                redone += 1
+                kept_count += 1
+            elif block_left > 0 and self.budget_left > 0 and len(rounds) < 3 * reps:
                 print(f"  (round disturbed: other processes used {f.cores:.1f} cores; redoing)",
                       file=sys.stderr, flush=True)
-                wait_quiet(max(0.0, min(s.wait_quiet_s, self.deadline - time.monotonic())))
+                spent = (time.monotonic() - t0) + self._wait(block_left)
+                block_left -= spent
+                self.budget_left -= spent
             else:
-                clean += 1  # out of budget: keep it, flagged
+                kept_count += 1  # out of budget: keep it, flagged as disturbed
         # Keep the clean rounds; top up with the least disturbed ones when there are too few.
         ok = [r for r in rounds if r[0] <= QUIET_CORES]
         bad = sorted((r for r in rounds if r[0] > QUIET_CORES), key=lambda r: r[0])
-        kept = ok + bad[: max(0, reps - len(ok))]
-        kept = kept[:reps] if len(ok) >= reps else kept
+        kept = ok[:reps] + bad[: max(0, reps - len(ok))]
         times = {name: [r[1][name] for r in kept] for name in names}
         return Timing(
             times=times,
@@ -351,7 +360,7 @@ def to_markdown(report: Report, started_load: str) -> str:
             "warm-up), and ratio = measured / reference is the median of the per-round ratios. Lower is "
             "better. IQR: half the interquartile range over the median (measured / reference). Rounds, "
             "other load: kept rounds and the mean CPU load of other processes during them, in cores "
-            f"(rounds above {QUIET_CORES} cores are redone while the time budget lasts; any kept anyway "
+            f"(rounds above {QUIET_CORES} cores are redone while the waiting budget lasts; any kept anyway "
             "are counted as disturbed)."
         ),
         "",
