@@ -274,6 +274,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    revision: str = field(default_factory=lambda: _revision())
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -335,6 +336,21 @@ def machine() -> str:
     )
 
 
+def _revision() -> str:
+    """The graft commit measured, marked when src/graft has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/graft"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}{' + uncommitted changes in src/graft' if dirty else ''}"
+
+
 def _load() -> str:
     try:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -354,6 +370,8 @@ def to_markdown(report: Report, started_load: str) -> str:
         ),
         "",
         f"Machine: {machine()}. Load average (1/5/15 min) at start {started_load}, at end {_load()}.",
+        "",
+        f"graft measured at commit {report.revision}.",
         "",
         (
             "Times are medians over rounds; in each round every case runs once (order rotated, after a "
