@@ -1,8 +1,4 @@
-"""The invariant matrix of DESIGN.md, for every LoRA variant on every tiny architecture.
-
-1. identity at init   2. a training step changes only adapter tensors   3. merged == unmerged ==
-unloaded, merge idempotent   4. exact save/load round trip   5. disabled == base   6. count == formula
-"""
+"""The invariant matrix of DESIGN.md (tests/invariants.py), for every LoRA variant on every tiny architecture."""
 
 from __future__ import annotations
 
@@ -11,9 +7,10 @@ import copy
 import pytest
 import torch
 from conftest import FACTORIES, batch_for, logits, perturb_adapters
+from invariants import Expect, check_invariants
 
 import graft
-from graft.core import adapter_parameters, state_of
+from graft.core import adapter_parameters
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}
 
@@ -29,93 +26,22 @@ VARIANTS = {
     "all-linear": ({"targets": "all-linear", "r": 2}, 1e-5),
     "bias-lora-only": ({"bias": "lora_only"}, 1e-5),
 }
-MUTATES_BASE = {"pissa", "olora"}
-
-
-def make(arch: str, variant: str):
-    kwargs, tol = VARIANTS[variant]
-    kwargs = {"targets": TARGETS[arch], **kwargs}
-    return graft.LoRA(**kwargs), tol
-
-
-def loss_of(model, arch, inputs):
-    out = model(**inputs)
-    return out.logits.float().pow(2).mean()
+# Invariants that do not apply, and why: PiSSA / OLoRA move W0's principal part into A and B, so
+# "disabled" is the residual base, not the original; bias="lora_only" trains base biases in place.
+EXPECT = {
+    "pissa": Expect(tol=1e-4, disabled_is_base=False, exact_reload=False),
+    "olora": Expect(tol=1e-4, disabled_is_base=False, exact_reload=False),
+    "bias-lora-only": Expect(disabled_is_base=False),
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_invariants(arch, variant):
     if arch == "gpt2" and variant == "patterns":
         pytest.skip("GPT-2 has a single fused c_attn target; patterns are covered on the other models")
-    method, tol = make(arch, variant)
-    base_model = FACTORIES[arch]()
-    inputs = batch_for(arch)
-    base_out = logits(base_model, inputs)
-    model = copy.deepcopy(base_model)
-    expected_count = method.count(model)
-    graft.attach(model, method)
-
-    # 6. trainable count == closed-form formula
-    assert graft.report(model).trainable == expected_count
-
-    # 1. identity at init (PiSSA / OLoRA move W0's principal part into A, B: equal up to rounding)
-    torch.testing.assert_close(logits(model, inputs), base_out, atol=tol, rtol=0)
-
-    # 2. after a real training step only adapter tensors (and the biases the method trains) changed
-    perturb_adapters(model)
-    trained_ids = {id(p) for p in adapter_parameters(model, "default").values()} | {
-        id(p) for p in state_of(model).methods["default"].trainable_base_parameters(model, "default").values()}
-    trained = {k for k, p in model.named_parameters(remove_duplicate=False) if id(p) in trained_ids}
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss_of(model, arch, inputs).backward()
-    opt.step()
-    model.eval()
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed, "the training step changed nothing"
-    assert changed <= trained, f"non-adapter tensors changed: {sorted(changed - trained)[:5]}"
-    frozen = set(before) - trained
-    assert all(torch.equal(before[k], after[k]) for k in frozen)
-
-    unmerged = logits(model, inputs)
-    assert not torch.allclose(unmerged, base_out, atol=1e-3), "adapter has no effect: the test proves nothing"
-
-    # 5. disabled == base (not for inits that rewrite the base weight by design)
-    if variant not in MUTATES_BASE and variant != "bias-lora-only":
-        with graft.disabled(model):
-            torch.testing.assert_close(logits(model, inputs), base_out, atol=1e-6, rtol=0)
-
-    # 4. save -> load into a fresh copy of the original base reproduces the outputs
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        graft.save(model, d)
-        fresh = copy.deepcopy(base_model)
-        graft.load(fresh, d)
-        torch.testing.assert_close(logits(fresh, inputs), unmerged, atol=tol, rtol=0)
-        if variant not in MUTATES_BASE:
-            for k, v in graft.io.adapter_tensors(model, "default").items():
-                assert torch.equal(graft.io.adapter_tensors(fresh, "default")[k], v), k
-
-    # 3. merged == unmerged == unloaded; merge is idempotent; unmerge restores
-    graft.merge(model)
-    merged = logits(model, inputs)
-    torch.testing.assert_close(merged, unmerged, atol=tol, rtol=0)
-    graft.merge(model)
-    torch.testing.assert_close(logits(model, inputs), merged, atol=0, rtol=0)
-    graft.unmerge(model)
-    torch.testing.assert_close(logits(model, inputs), unmerged, atol=tol, rtol=0)
-    plain = graft.unload(copy.deepcopy(model), merge=True)
-    assert not any(isinstance(m, graft.core.AdapterLayer) for m in plain.modules())
-    assert not hasattr(plain, graft.core.STATE_ATTR)
-    torch.testing.assert_close(logits(plain, inputs), unmerged, atol=tol, rtol=0)
-    if variant not in MUTATES_BASE and variant != "bias-lora-only":
-        restored = graft.unload(copy.deepcopy(model), merge=False)
-        sd = restored.state_dict()
-        for k, v in base_model.state_dict().items():
-            torch.testing.assert_close(sd[k], v, atol=1e-6, rtol=0)
+    kwargs, tol = VARIANTS[variant]
+    method = graft.LoRA(**{"targets": TARGETS[arch], **kwargs})
+    check_invariants(arch, method, EXPECT.get(variant, Expect(tol=tol)))
 
 
 def test_embedding_lora_invariants():

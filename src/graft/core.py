@@ -32,6 +32,7 @@ class GraftState:
     active: list[str] = field(default_factory=list)
     disabled: bool = False
     routing: list[str | None] | None = None  # one adapter name (or None = base) per batch row
+    composition: Composition | None = None  # how the active adapters combine, when not simply summed
     _route_index: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def route_index(self, device: torch.device) -> torch.Tensor:
@@ -300,7 +301,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", *, activate:
     for p in method.trainable_base_parameters(model, name).values():
         p.requires_grad_(True)
     if activate:
-        state.active = [name]
+        state.active, state.composition = [name], None
     return model
 
 
@@ -344,17 +345,87 @@ def detach(model: nn.Module, name: str) -> nn.Module:
         remove(model, name)
     del state.methods[name]
     state.active = [n for n in state.active if n != name]
+    if state.composition is not None and name in state.composition.children:
+        state.composition = None
     if not state.methods:
         object.__delattr__(model, STATE_ATTR)
     return model
 
 
-def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
-    """Make ``names`` (one or several) the active adapters; several active adapters add up."""
+# --------------------------------------------------------------------------------------------
+# Composition blocks (AdapterHub's vocabulary), given to ``activate``
+
+
+@dataclass(frozen=True, init=False)
+class Composition:
+    """Several adapters active at once, combined in a stated way at every adapted location."""
+
+    children: tuple[str, ...]
+
+    def __init__(self, *children: str) -> None:
+        if len(children) == 1 and not isinstance(children[0], str):
+            children = tuple(children[0])
+        if not children or not all(isinstance(c, str) and c for c in children):
+            raise ValueError(f"{type(self).__name__} takes adapter names, got {children!r}")
+        if len(set(children)) != len(children):
+            raise ValueError(f"{type(self).__name__}{children!r} names an adapter twice")
+        object.__setattr__(self, "children", tuple(children))
+
+
+class Stack(Composition):
+    """Sequential: at each location adapter 1's output is adapter 2's input, and so on."""
+
+
+class Parallel(Composition):
+    """Side by side: every adapter sees the same input and their changes add up (the default for
+    several active adapters). Unlike AdapterHub's ``Parallel`` the batch is not replicated; use
+    ``graft.route`` to send different rows through different adapters."""
+
+
+@dataclass(frozen=True, init=False)
+class Average(Composition):
+    """Weighted average of the adapters' changes: sum_i w_i * delta_i, weights normalised to sum to 1
+    (default uniform). AdapterHub divides by the number of adapters a second time; graft does not."""
+
+    weights: tuple[float, ...]
+
+    def __init__(self, *children: str, weights: Sequence[float] | None = None) -> None:
+        super().__init__(*children)
+        n = len(self.children)
+        w = [1.0 / n] * n if weights is None else [float(x) for x in weights]
+        if len(w) != n:
+            raise ValueError(f"Average got {len(w)} weights for {n} adapters {self.children}")
+        if any(x < 0 for x in w) or not sum(w) > 0:
+            raise ValueError(f"Average weights must be >= 0 with a positive sum, got {w}")
+        object.__setattr__(self, "weights", tuple(x / sum(w) for x in w))
+
+
+def activate(model: nn.Module, names: str | Sequence[str] | Composition) -> nn.Module:
+    """Make ``names`` the active adapters.
+
+    One name, a list (several active adapters add up), or a composition block: ``graft.Stack(a, b)``
+    (sequential), ``graft.Parallel(a, b)`` (same input, changes add up) or ``graft.Average(a, b,
+    weights=...)``. Input-side adapters (prompt, prefix) that are active together are concatenated.
+    """
     state = state_of(model)
-    names = [names] if isinstance(names, str) else list(names)
+    composition = names if isinstance(names, Composition) else None
+    if composition is not None:
+        names = list(composition.children)
+    else:
+        names = [names] if isinstance(names, str) else list(names)
     _check_names(state, names)
+    if composition is not None:
+        for n in names:
+            check = getattr(state.methods[n], "check_composition", None)
+            if check is None:
+                raise ValueError(
+                    f"adapter '{n}' ({type(state.methods[n]).__name__}) does not support {type(composition).__name__}; "
+                    "composition blocks are for bottleneck adapters (graft.Adapter); other methods combine by "
+                    "activating a list of names"
+                )
+            check(composition)
     state.active = names
+    state.composition = composition
     return model
 
 
