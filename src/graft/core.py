@@ -182,6 +182,7 @@ class Method:
     """
 
     peft_type: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True  # False: graft.merge refuses it with a clear error (prompts, probes)
 
     def apply(self, model: nn.Module, name: str, state: GraftState) -> None:
         raise NotImplementedError

@@ -20,6 +20,12 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
     unknown = [n for n in names if n not in state.methods]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; attached adapters: {sorted(state.methods)}")
+    for n in names:
+        if not getattr(state.methods[n], "mergeable", True):
+            raise NotImplementedError(
+                f"adapter '{n}' ({type(state.methods[n]).__name__}) cannot be merged into the base weights: "
+                "it adds inputs or outputs rather than changing weights; keep it attached (or graft.unload without merge)"
+            )
     layers = list(adapter_layers(model))
     for lname, layer in layers:
         if not layer.mergeable and any(n in layer.configs for n in names):
@@ -44,7 +50,16 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
 
     Without ``merge`` the base weights are restored, so the result is the original model.
     """
-    state_of(model)
+    state = state_of(model)
+    if merge:
+        for n in state.active:
+            if not getattr(state.methods[n], "mergeable", True):
+                raise NotImplementedError(f"adapter '{n}' ({type(state.methods[n]).__name__}) cannot be merged into "
+                                          "the base weights; unload it with merge=False")
+    for n, method in list(state.methods.items()):
+        remove = getattr(method, "remove", None)  # input-side methods: hooks and heads off the model
+        if remove is not None:
+            remove(model, n)
     for lname, layer in reversed(list(adapter_layers(model))):
         plain = layer.unloaded(merge)
         if lname:

@@ -38,6 +38,7 @@ from graft.io import save as save_adapter
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable.safetensors"
+METHOD_STATE_NAME = "method_state.safetensors"  # e.g. Child-Tuning D's mask: fixed tensors a method trains with
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 SCALER_NAME = "scaler.pt"
@@ -58,17 +59,37 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def method_hooks(model: nn.Module, hook: str) -> list[tuple[str, Any]]:
+    """(adapter name, method) for every adapter whose method defines ``hook`` (trainer extension points)."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return []
+    return [(n, m) for n, m in state.methods.items() if callable(getattr(m, hook, None))]
+
+
+def method_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors the methods need to resume exactly, keyed ``<adapter>/<tensor>``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, method in method_hooks(model, "training_state"):
+        for key, t in method.training_state(model, name).items():
+            out[f"{name}/{key}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: Any, state: dict[str, Any]) -> Path:
     """Write ``out_dir/checkpoint-<step>`` atomically and return its path."""
     path = Path(out_dir) / f"checkpoint-{step}"
     tensors = trainable_state(model)
+    extra = method_state(model)
     rng_tensors, rng_json = rng_state()
 
     def write(tmp: Path) -> None:
         if len(adapter_names(model)) == 1:
             _export_adapter(model, tmp)
         save_file(tensors, str(tmp / TRAINABLE_NAME), metadata={"format": "pt"})
+        if extra:
+            save_file(extra, str(tmp / METHOD_STATE_NAME), metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_NAME)
         if scaler is not None:
@@ -101,6 +122,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = Path(path)
     state = read_state(path)
     load_trainable(model, load_file(str(path / TRAINABLE_NAME)), where=str(path))
+    hooks = method_hooks(model, "load_training_state")
+    if hooks:
+        extra = load_file(str(path / METHOD_STATE_NAME)) if (path / METHOD_STATE_NAME).exists() else {}
+        for name, method in hooks:
+            mine = {k.split("/", 1)[1]: v for k, v in extra.items() if k.split("/", 1)[0] == name}
+            method.load_training_state(model, name, mine)
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, weights_only=True))
     scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, weights_only=True))
     if scaler is not None:

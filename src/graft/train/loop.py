@@ -166,6 +166,8 @@ def train(
         progress = _Progress()
         if start is not None:
             progress = _Progress.from_state(ckpt.load_checkpoint(start, model, optimizer, scheduler, scaler))
+        else:
+            _prepare_methods(model, train_data, collate, config, lengths, loss_fn, device)
         model.train()
         _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
              optimizer, scheduler, scaler, progress, selective, on_step)
@@ -259,6 +261,8 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
     grad_norm = None
     if config.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    for name, method in ckpt.method_hooks(model, "before_optimizer_step"):
+        method.before_optimizer_step(model, name)  # e.g. Child-Tuning's gradient masks, after clipping
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -370,6 +374,21 @@ def _length(example: Any) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Setup helpers
+
+
+def _prepare_methods(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainConfig,
+                     lengths: list[int] | None, loss_fn: LossFn, device: torch.device) -> None:
+    """Methods that look at the training data once before the first step (Child-Tuning D's Fisher mask).
+
+    They see the first epoch's first batches, in training order. A resumed run skips this: the
+    result is restored from the checkpoint.
+    """
+    for name, method in ckpt.method_hooks(model, "prepare"):
+        if not method.needs_preparation():
+            continue
+        first = epoch_batches(len(data), lengths, config, 0)[: getattr(method, "fisher_batches", 1)]
+        batches = (_to(collate([data[i] for i in indices]), device) for indices in first)
+        method.prepare(model, name, batches, lambda m, b: loss_fn(m, b) / max(supervised_count(b, config.task), 1))
 
 
 def _loss_fn(model: nn.Module, config: TrainConfig, first_batch: dict[str, torch.Tensor]) -> tuple[LossFn, bool]:
