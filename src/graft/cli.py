@@ -74,7 +74,8 @@ TRAIN_FLAGS = [
     ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
     ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
-    ("--method", str, "lora, rslora, dora or full"),
+    ("--method", str, "lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
+                      "child-tuning, probe or full"),
     ("--r", int, "LoRA rank"),
     ("--alpha", float, "LoRA alpha"),
     ("--dropout", float, "LoRA dropout"),
@@ -116,7 +117,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=typ, help=help_, default=argparse.SUPPRESS)
     for flag, help_ in TRAIN_SWITCHES:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
+    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                   help="a setting of the method, e.g. num_virtual_tokens=20 or placement=pfeiffer (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def _key_values(items: list[str]) -> dict[str, object]:
+    """["a=1", "b=mlp"] -> {"a": 1, "b": "mlp"} (values read as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--method-arg {item!r} must look like KEY=VALUE, e.g. num_virtual_tokens=20")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -127,6 +143,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("verb", "config", "resume")}
     if "out" in given:
         given["out_dir"] = given.pop("out")
+    if "method_arg" in given:
+        given["method_args"] = {**(options.get("method_args") or {}), **_key_values(given.pop("method_arg"))}
     if "out" in options:
         options["out_dir"] = options.pop("out")
     options.update(given)

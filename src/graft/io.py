@@ -258,6 +258,18 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
         if key.endswith(".base_layer.weight"):
             continue  # peft also stores full embedding weights when embeddings are targeted; the base has them
         given[key] = value
+    # Layers that save a transformed form (e.g. Child-Tuning's sparse delta) read their own tensors back.
+    for lname, layer in adapter_layers(model):
+        custom = getattr(layer, "load_adapter_state", None)
+        if custom is None or name not in layer.configs:
+            continue
+        prefix = f"{PREFIX}{lname}."
+        own = {k[len(prefix):]: given.pop(k) for k in [k for k in given if k.startswith(prefix)
+                                                       and "." not in k[len(prefix):]]}
+        for key in [k for k in params if k.startswith(prefix) and k[len(prefix):].split(".")[0]
+                    in layer.adapter_param_names]:
+            del params[key]
+        custom(name, own, lname)
     missing = sorted(set(params) - set(given))
     unexpected = sorted(set(given) - set(params))
     if missing or unexpected:

@@ -20,7 +20,13 @@ import yaml
 
 from graft.train import TrainConfig
 
-METHODS = ("lora", "rslora", "dora", "full")
+# --method NAME -> the graft method class (resolved lazily); "full" trains every weight.
+METHOD_CLASSES = {
+    "lora": "LoRA", "rslora": "LoRA", "dora": "LoRA", "ia3": "IA3", "adapter": "Adapter",
+    "prompt-tuning": "PromptTuning", "p-tuning": "PTuning", "prefix-tuning": "PrefixTuning",
+    "bitfit": "BitFit", "child-tuning": "ChildTuning", "probe": "Probe",
+}
+METHODS = (*METHOD_CLASSES, "full")
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,11 @@ class Job:
     chat_template: bool = False
     packing: bool = True
     method: str = "lora"
+    method_args: dict | None = None  # the method's own settings, e.g. {num_virtual_tokens: 20}
     r: int = 16
     alpha: float = 32
     dropout: float = 0.0
-    targets: str = "all-linear"
+    targets: str | None = None  # LoRA family: all-linear when not given; others: the method's default
     text_field: str | None = None
     label_field: str | None = None
     limit: int | None = None
@@ -53,7 +60,11 @@ class Job:
 
             spec_for(self.format)  # an unknown format fails here, before any data or model is loaded
         if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}{hint}")
+        if self.method_args and self.method in ("lora", "rslora", "dora", "full"):
+            raise ValueError(f"method_args are for the other methods; {self.method} takes r, alpha, dropout, targets")
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split={self.eval_split!r} must be in [0, 1)")
         if self.max_length < 8:
@@ -65,7 +76,7 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 # YAML 1.1 reads 2e-4 (no dot) as a string; these keys take it as the number it means.
 FLOAT_KEYS = {f.name for f in (*dataclasses.fields(Job), *dataclasses.fields(TrainConfig))
               if f.type.split(" | ")[0] == "float"}
-_TYPES = {"str": (str, os.PathLike), "int": (int,), "float": (int, float), "bool": (bool,)}
+_TYPES = {"str": (str, os.PathLike), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
 
 
 def _check_types(job: Job) -> None:
@@ -111,7 +122,12 @@ def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job,
     if isinstance(options.get("targets"), list):
         options = {**options, "targets": ",".join(options["targets"])}
     job = Job(**{k: v for k, v in options.items() if k in JOB_KEYS})
+    build_method(job)  # the method's own settings are checked now, before anything is loaded
     train_opts = {k: v for k, v in options.items() if k in TRAIN_KEYS}
+    if job.method == "probe":
+        train_opts.setdefault("task", "classification")
+        if train_opts["task"] != "classification":
+            raise ValueError("method=probe trains a classification head: use task=classification")
     if job.method != "full":
         train_opts.setdefault("task", "causal-lm")
     try:
@@ -127,12 +143,25 @@ def _targets(spec: str) -> str | list[str]:
 
 
 def build_method(job: Job):
+    """The graft method for ``job`` (None for full fine-tuning); bad settings fail here, before any loading."""
     import graft
 
     if job.method == "full":
         return None
-    return graft.LoRA(r=job.r, alpha=job.alpha, dropout=job.dropout, targets=_targets(job.targets),
-                      rslora=job.method == "rslora", dora=job.method == "dora")
+    if job.method in ("lora", "rslora", "dora"):
+        return graft.LoRA(r=job.r, alpha=job.alpha, dropout=job.dropout, targets=_targets(job.targets or "all-linear"),
+                          rslora=job.method == "rslora", dora=job.method == "dora")
+    cls = getattr(graft, METHOD_CLASSES[job.method])
+    args = dict(job.method_args or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if job.targets is not None:
+        if "targets" not in fields:
+            raise ValueError(f"method {job.method} has no targets option; its settings are {sorted(fields)}")
+        args.setdefault("targets", _targets(job.targets))
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ValueError(f"method {job.method} has no setting(s) {unknown}; its settings are {sorted(fields)}")
+    return cls(**args)
 
 
 def prepare(job: Job, config: TrainConfig):
@@ -170,8 +199,9 @@ def prepare(job: Job, config: TrainConfig):
     method = build_method(job)
     if method is not None:
         graft.attach(model, method)
-    return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length,
-                                                           job.packing and not classification), label_map
+    # Input-side methods (prompt, prefix) put virtual tokens in front of every row: one example per row.
+    packing = job.packing and not classification and not getattr(method, "input_side", False)
+    return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length, packing), label_map
 
 
 def make_collate(model, tokenizer, max_length: int, packed: bool):

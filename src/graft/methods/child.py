@@ -260,7 +260,8 @@ class ChildLinear(AdapterLayer):
         delta = self.child_delta[name].detach()
         flat = delta.flatten()
         idx = flat.nonzero(as_tuple=True)[0]
-        return {"child_indices": idx.to(torch.int64), "child_values": flat[idx].clone()}
+        index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64  # 4 bytes an entry where they suffice
+        return {"child_indices": idx.to(index_dtype), "child_values": flat[idx].clone()}
 
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Inverse of ``adapter_state``: scatter the saved entries into a zero delta."""
@@ -277,7 +278,7 @@ class ChildLinear(AdapterLayer):
                              f"shape {tuple(delta.shape)}): the adapter was trained for a different base model")
         with torch.no_grad():
             delta.zero_()
-            delta.view(-1)[idx.to(delta.device)] = values.to(delta.device, delta.dtype)
+            delta.view(-1)[idx.to(delta.device, torch.int64)] = values.to(delta.device, delta.dtype)
 
     # ---- merge
     def merge(self, names: list[str]) -> None:
