@@ -364,3 +364,33 @@ def test_bad_option_values(tmp_path, model_dir, data_file, capsys, no_training, 
     assert "method='lorra'" in train_error(capsys, tmp_path / "out", *base, "--method", "lorra")
     assert "max_steps=0" in train_error(capsys, tmp_path / "out", *base, "--max-steps", "0")
     assert "lr=-1.0" in train_error(capsys, tmp_path / "out", *base, "--lr", "-1")
+
+
+@pytest.mark.parametrize("method, args", [
+    ("ia3", []), ("child-tuning", ["--method-arg", "mode=D", "--method-arg", "fisher_batches=2"]),
+    ("prompt-tuning", ["--method-arg", "num_virtual_tokens=4"]), ("adapter", ["--method-arg", "placement=pfeiffer"]),
+])
+def test_train_with_other_methods(method, args, model_dir, data_file, tmp_path):
+    """`graft train --method NAME` trains and saves every method; the saved adapter loads back."""
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["train", "--model", str(model_dir), "--data", str(data_file), "--max-steps", "2",
+                   "--batch-size", "2", "--lr", "1e-2", "--method", method, *args, "--out", str(out)])
+    assert rc == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    expected = {"ia3": "IA3", "child-tuning": "CHILD_TUNING", "prompt-tuning": "PROMPT_TUNING"}.get(method)
+    assert expected is None or config["peft_type"] == expected
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    graft.load(model, out / "adapter")  # loads without missing or unexpected tensors
+
+
+def test_method_settings_are_checked_before_loading(tmp_path, model_dir, data_file, capsys, no_training,
+                                                    no_model_load):
+    base = ["--model", str(model_dir), "--data", str(data_file)]
+    msg = train_error(capsys, tmp_path / "out", *base, "--method", "child-tuning", "--method-arg", "mode=X")
+    assert "mode='X' is not one of" in msg
+    msg = train_error(capsys, tmp_path / "out", *base, "--method", "child-tuning", "--method-arg", "rank=4")
+    assert "no setting(s) ['rank']" in msg and "fisher_batches" in msg
+    msg = train_error(capsys, tmp_path / "out", *base, "--method", "ia3", "--method-arg", "oops")
+    assert "KEY=VALUE" in msg
+    assert "did you mean 'bitfit'" in train_error(capsys, tmp_path / "out", *base, "--method", "bitfi")

@@ -91,9 +91,10 @@ def resolve(
         raise ValueError(f"{what} is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     layer_set = set(layers) if layers is not None else None
     heads = output_head_names(model) if targets == ALL_LINEAR else set()
+    owned = adapter_owned_names(model)
     found: list[str] = []
     for name, module in model.named_modules():
-        if not name or _inside_adapter(name):
+        if not name or _inside_adapter(name) or name in owned:
             continue
         module = getattr(module, "base_layer", module)  # already wrapped by another adapter
         if targets == ALL_LINEAR:
@@ -120,6 +121,20 @@ def resolve(
             if not any(matches(n, [entry]) for n in names):
                 raise ValueError(_no_match_message(model, [entry], None, None, what))
     return found
+
+
+def adapter_owned_names(model: nn.Module) -> set[str]:
+    """Every module inside a graft adapter layer (its base layer, its adapters' tensors): never a target.
+
+    Found by structure, so a new method's containers need no entry in a list of names.
+    """
+    from graft.core import AdapterLayer
+
+    owned: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            owned.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+    return owned
 
 
 def _inside_adapter(name: str) -> bool:
