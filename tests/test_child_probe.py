@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import FACTORIES, batch_for, logits, tiny_bert, tiny_llama
+from conftest import batch_for, logits, tiny_bert, tiny_llama
 from invariants import Expect, check_invariants
 from safetensors.torch import load_file, save_file
 from test_train import bert_collate, collate, config, make_examples

@@ -74,8 +74,8 @@ TRAIN_FLAGS = [
     ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
     ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
-    ("--method", str, "lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
-                      "child-tuning, probe or full"),
+    ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
+                       "child-tuning, probe or full")),
     ("--r", int, "LoRA rank"),
     ("--alpha", float, "LoRA alpha"),
     ("--dropout", float, "LoRA dropout"),

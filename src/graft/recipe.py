@@ -100,7 +100,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value, not a {type(cfg).__name__}")
+        raise ValueError(f"{path} must hold a mapping of option: value, not a {type(cfg).__name__}")  # noqa: TRY004 (a user's file, not a caller's type)
     cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
     for key in FLOAT_KEYS & cfg.keys():
         if isinstance(cfg[key], str):
