@@ -101,3 +101,18 @@ def test_config_is_frozen_and_copies_user_lists():
     assert method.targets == ("q_proj",) and method.rank_pattern == {"q_proj": 4}
     with pytest.raises(AttributeError):
         method.r = 4
+
+
+def test_two_adapters_on_a_classifier_each_get_their_own_head():
+    model = FACTORIES["bert"]()
+    graft.attach(model, graft.LoRA(r=2, targets=["query"]), name="a")
+    graft.attach(model, graft.LoRA(r=2, targets=["value"]), name="b")
+    head = model.classifier
+    assert sorted(head.modules_to_save) == ["a", "b"]
+    assert head.modules_to_save["a"].weight is not head.modules_to_save["b"].weight
+    # The second adapter's count (taken with the head already wrapped) equals what it adds.
+    before = graft.report(model).trainable
+    method = graft.LoRA(r=2, targets=["key"])
+    expected = method.count(model)
+    graft.attach(model, method, name="c")
+    assert graft.report(model).trainable - before == expected  # "a" and "b" stay trainable

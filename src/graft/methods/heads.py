@@ -29,24 +29,26 @@ def heads_to_save(model: nn.Module, requested: Sequence[str] | None) -> list[str
     return []
 
 
-def _resolve(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
+def _resolve(model: nn.Module, suffixes: Sequence[str], *, wrapped_ok: bool = False) -> list[str]:
     found = [n for n, m in model.named_modules() if n and tg.matches(n, list(suffixes))
              and not tg._inside_adapter(n) and not isinstance(m, AdapterLayer)]
+    if wrapped_ok:  # a head another adapter already copies: this adapter gets its own copy too
+        found += [n for n, m in model.named_modules() if isinstance(m, ModulesToSave) and tg.matches(n, list(suffixes))]
     if suffixes and not found:
         raise ValueError(f"modules_to_save={list(suffixes)} matches no module of {type(model).__name__}")
     return found
 
 
 def modules_to_save_count(model: nn.Module, suffixes: Sequence[str]) -> int:
-    return sum(p.numel() for n in _resolve(model, suffixes) for p in model.get_submodule(n).parameters())
+    modules = [model.get_submodule(n) for n in _resolve(model, suffixes, wrapped_ok=True)]
+    return sum(p.numel() for m in modules for p in getattr(m, "base_layer", m).parameters())
 
 
 def apply_modules_to_save(model: nn.Module, name: str, state: GraftState, suffixes: Sequence[str]) -> None:
     """Give adapter ``name`` a trainable copy of every module in ``suffixes``."""
     if not suffixes:
         return
-    names = set(_resolve(model, suffixes))
-    names |= {n for n, m in model.named_modules() if isinstance(m, ModulesToSave) and tg.matches(n, list(suffixes))}
+    names = set(_resolve(model, suffixes, wrapped_ok=True))
     for module_name in sorted(names):
         module = model.get_submodule(module_name)
         if not isinstance(module, ModulesToSave):
