@@ -23,6 +23,7 @@ from graft.core import adapter_layers, attach, detach, method_for_peft_type, sta
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+RESUME_NAME = "graft_resume.safetensors"  # tensors training needs that the PEFT format drops (peft ignores it)
 PREFIX = "base_model.model."
 FORMAT_VERSION = "1"
 
@@ -46,35 +47,48 @@ def task_type(model: nn.Module) -> str | None:
 # Collecting tensors
 
 
+def key_prefixes(method: Any) -> tuple[str, str]:
+    """(module prefix, extra-tensor prefix) of a method's keys in the PEFT file.
+
+    peft keys module tensors ``base_model.model.<module>``; a prompt-learning adapter keys them
+    ``base_model.<module>`` and its table at the top level, which such a method declares with the
+    ``peft_key_prefix`` and ``extra_key_prefix`` class attributes.
+    """
+    module = getattr(method, "peft_key_prefix", PREFIX)
+    return module, getattr(method, "extra_key_prefix", module)
+
+
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Every tensor of adapter ``name`` under its PEFT key (``base_model.model.<module>.<tensor>``)."""
     state = state_of(model)
+    prefix, extra_prefix = key_prefixes(state.methods[name])
     out: dict[str, torch.Tensor] = {}
     for lname, layer in adapter_layers(model):
         if name in layer.configs:
             for key, tensor in layer.adapter_state(name).items():
-                out[f"{PREFIX}{lname}.{key}"] = tensor
+                out[f"{prefix}{lname}.{key}"] = tensor
     for key, p in state.methods[name].trainable_base_parameters(model, name).items():
-        out[PREFIX + key] = p.detach()
+        out[prefix + key] = p.detach()
     extra = getattr(state.methods[name], "extra_tensors", None)
     if extra is not None:
-        out.update({PREFIX + k: v for k, v in extra(model, name).items()})
+        out.update({extra_prefix + k: v for k, v in extra(model, name).items()})
     return out
 
 
 def _loadable_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The parameters a checkpoint of adapter ``name`` fills, under the same keys as ``adapter_tensors``."""
     state = state_of(model)
+    prefix, extra_prefix = key_prefixes(state.methods[name])
     out: dict[str, nn.Parameter] = {}
     for lname, layer in adapter_layers(model):
         if name in layer.configs:
             for key, p in layer.adapter_parameters(name).items():
-                out[f"{PREFIX}{lname}.{key}"] = p
+                out[f"{prefix}{lname}.{key}"] = p
     for key, p in state.methods[name].trainable_base_parameters(model, name).items():
-        out[PREFIX + key] = p
+        out[prefix + key] = p
     extra = getattr(state.methods[name], "extra_parameters", None)
     if extra is not None:
-        out.update({PREFIX + k: v for k, v in extra(model, name).items()})
+        out.update({extra_prefix + k: v for k, v in extra(model, name).items()})
     return out
 
 
@@ -106,10 +120,17 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         inference_mode=True,
     )
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
-    metadata = {"format": "pt", "graft_format": FORMAT_VERSION, "graft_method": type(method).__name__}
+    # A method may keep more than the PEFT format holds (P-tuning's encoder) in RESUME_NAME; both
+    # files carry the id of this save, so a resume file left from an older save is never mixed in.
+    resume = getattr(method, "resume_tensors", None)
+    resume = {k: v.detach().to("cpu").contiguous().clone() for k, v in resume(model, name).items()} if resume else {}
+    metadata = {"format": "pt", "graft_format": FORMAT_VERSION, "graft_method": type(method).__name__,
+                "graft_save_id": uuid.uuid4().hex}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        if resume:
+            save_file(resume, str(tmp / RESUME_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n")
 
     atomic_dir_write(path, write)
@@ -203,6 +224,22 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file} is truncated or corrupted and cannot be read as safetensors ({e})") from None
 
 
+def read_resume_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The resume file written by the same save as ``adapter_model.safetensors``, or {} (none, or stale)."""
+    path = Path(path)
+    if not (path / RESUME_NAME).exists():
+        return {}
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            save_id = (f.metadata() or {}).get("graft_save_id")
+        with safe_open(str(path / RESUME_NAME), framework="pt") as f:
+            if save_id is None or (f.metadata() or {}).get("graft_save_id") != save_id:
+                return {}  # left from another save (e.g. peft re-saved the adapter here)
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except Exception as e:  # noqa: BLE001 (safetensors raises several error types for damaged files)
+        raise ValueError(f"{path / RESUME_NAME} is truncated or corrupted and cannot be read ({e})") from None
+
+
 def _normalise_key(key: str, peft_name: str) -> str:
     """Map the key variants peft has written over the years onto the current layout."""
     key = key.replace(f".{peft_name}.", ".")
@@ -225,7 +262,8 @@ def load(
 
     Args:
         model: The base model (plain, or already carrying other adapters).
-        path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (and
+            ``graft_resume.safetensors`` when the method keeps more than peft does, e.g. an encoder).
         name: Name for the loaded adapter.
         trainable: Leave the loaded tensors trainable (to continue training).
         activate: Make it the only active adapter.
@@ -240,6 +278,9 @@ def load(
     tensors = read_tensors(path)
     attach(model, method, name, activate=activate)
     try:
+        prepare = getattr(method, "prepare_load", None)
+        if prepare is not None:  # the method picks what it fills from the PEFT and resume tensors
+            tensors = prepare(model, name, tensors, read_resume_tensors(path))
         _fill(model, name, tensors)
     except Exception:
         detach(model, name)
@@ -279,7 +320,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None
     for key, p in params.items():
         value = given[key]
         if tuple(value.shape) != tuple(p.shape):
-            module = key[len(PREFIX):]
+            module = key.removeprefix(PREFIX)
             raise ValueError(
                 f"adapter tensor for '{module}' has shape {tuple(value.shape)} but the model expects "
                 f"{tuple(p.shape)}: the adapter was trained for a different base model"

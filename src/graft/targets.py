@@ -140,7 +140,8 @@ def adapter_owned_names(model: nn.Module) -> set[str]:
 def _inside_adapter(name: str) -> bool:
     """Modules that belong to graft's own adapter layers are never targets themselves."""
     parts = name.split(".")
-    return any(p in ("base_layer", "original_module", "modules_to_save") for p in parts) or any(
+    return any(p in ("base_layer", "original_module", "modules_to_save", "graft_input", "graft_probe")
+               for p in parts) or any(
         p.startswith("lora_") for p in parts
     )
 
