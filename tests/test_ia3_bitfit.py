@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from conftest import FACTORIES, VOCAB, batch_for, logits, perturb_adapters
-from invariants import Expect, check_invariants
 from peft import IA3Config, PeftModel, get_peft_model
 from peft.tuners.ia3 import IA3Layer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
@@ -44,99 +43,7 @@ def assert_unchanged(model: torch.nn.Module, before: tuple[dict, dict, list]) ->
     assert not hasattr(model, STATE_ATTR)
 
 
-# --------------------------------------------------------------------------------------------
-# The invariant matrix (tests/invariants.py); check_invariants perturbs every vector before merging
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5"])
-def test_ia3_invariants(arch):
-    check_invariants(arch, ia3_for(arch), Expect(tol=1e-5))
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "bert"])
-def test_bitfit_invariants(arch):
-    check_invariants(arch, graft.BitFit(), Expect(tol=1e-5))
-
-
-@pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_bitfit_on_bias_free_model_fails_at_attach_and_leaves_model_unchanged(arch):
-    model = FACTORIES[arch]()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="has no bias parameters; BitFit would train nothing but the head. Use LoRA or IA3"):
-        graft.attach(model, graft.BitFit())
-    assert_unchanged(model, before)
-    with pytest.raises(ValueError, match="has no bias parameters"):
-        graft.BitFit().count(model)
-
-
-def test_ia3_vector_shapes_and_kinds():
-    """Output-side targets hold (d_out, 1), feedforward ones (1, d_in), as peft; Conv1D included."""
-    model = graft.attach(FACTORIES["gpt2"](), graft.IA3())
-    layers = dict(adapter_layers(model))
-    assert sorted(layers) == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj",
-                              "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"]
-    assert layers["transformer.h.0.attn.c_attn"].ia3_l["default"].shape == (192, 1)
-    assert layers["transformer.h.0.mlp.c_proj"].ia3_l["default"].shape == (1, 256)
-    assert torch.equal(layers["transformer.h.0.mlp.c_proj"].ia3_l["default"], torch.ones(1, 256))
-
-
-@pytest.mark.parametrize(("kwargs", "feedforward"), [
-    ({"targets": ["k_proj", "mlp.down_proj"]}, True),  # the default feedforward entry still applies (peft)
-    ({"targets": ["k_proj", "down_proj"], "feedforward": ()}, False),
-    ({"targets": r".*\.(k_proj|down_proj)"}, True),
-])
-def test_ia3_feedforward_defaults(kwargs, feedforward):
-    model = graft.attach(FACTORIES["llama"](), graft.IA3(**kwargs))
-    kinds = graft_ia3_layers(model)
-    assert len(kinds) == 4
-    assert all(ff is (feedforward and name.endswith("down_proj")) for name, ff in kinds.items())
-
-
-def test_ia3_merge_scales_rows_or_columns():
-    """Merged Conv1D (stores Wᵀ) and Linear weights equal W ⊙ l in the right orientation."""
-    model = FACTORIES["gpt2"]()
-    c_attn, c_proj = (copy.deepcopy(model.get_submodule(f"transformer.h.0.{n}")) for n in ("attn.c_attn", "mlp.c_proj"))
-    graft.attach(model, graft.IA3())
-    perturb_adapters(model)
-    l_attn = model.get_submodule("transformer.h.0.attn.c_attn").ia3_l["default"].detach()  # (d_out, 1)
-    l_proj = model.get_submodule("transformer.h.0.mlp.c_proj").ia3_l["default"].detach()  # (1, d_in)
-    graft.merge(model)
-    merged_attn = model.get_submodule("transformer.h.0.attn.c_attn").base_layer
-    merged_proj = model.get_submodule("transformer.h.0.mlp.c_proj").base_layer
-    torch.testing.assert_close(merged_attn.weight, c_attn.weight * l_attn.T, atol=1e-7, rtol=0)  # (d_in, d_out)
-    torch.testing.assert_close(merged_attn.bias, c_attn.bias * l_attn.flatten(), atol=1e-7, rtol=0)
-    torch.testing.assert_close(merged_proj.weight, c_proj.weight * l_proj.T, atol=1e-7, rtol=0)
-    assert torch.equal(merged_proj.bias, c_proj.bias)  # feedforward scales the input, not the bias
-
-
-def test_ia3_active_adapters_multiply():
-    inputs = batch_for("llama")
-    model = FACTORIES["llama"]()
-    for name in ("a", "b", "ab"):
-        graft.attach(model, graft.IA3(), name=name)
-    g = torch.Generator().manual_seed(0)
-    layers = [layer for _, layer in adapter_layers(model)]
-    with torch.no_grad():
-        for layer in layers:
-            for name in ("a", "b"):
-                layer.ia3_l[name].copy_(1 + 0.3 * torch.randn(layer.ia3_l[name].shape, generator=g))
-            layer.ia3_l["ab"].copy_(layer.ia3_l["a"] * layer.ia3_l["b"])
-    graft.activate(model, ["a", "b"])
-    both = logits(model, inputs)
-    graft.activate(model, "ab")
-    torch.testing.assert_close(both, logits(model, inputs), atol=1e-5, rtol=0)
-    graft.activate(model, "a")
-    assert (logits(model, inputs) - both).abs().max() > 1e-2
-
-
-def test_ia3_unmerge_of_zero_vector_is_refused():
-    model = graft.attach(FACTORIES["llama"](), graft.IA3(targets=["k_proj"]))
-    layer = model.get_submodule("model.layers.0.self_attn.k_proj")
-    with torch.no_grad():
-        layer.ia3_l["default"][3] = 0.0
-    graft.merge(model)
-    with pytest.raises(RuntimeError, match="zero entries in ia3_l"):
-        graft.unmerge(model)
+# (The invariant matrix rows for this method are in tests/test_method_matrix.py.)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The invariant matrix of DESIGN.md (tests/invariants.py), for every LoRA variant on every tiny architecture."""
+"""The invariant matrix of DESIGN.md (tests/invariants.py): every method (each LoRA variant, then one row per
+other method) on every tiny architecture, with the invariants that do not apply and why."""
 
 from __future__ import annotations
 
@@ -42,6 +43,66 @@ def test_invariants(arch, variant):
     kwargs, tol = VARIANTS[variant]
     method = graft.LoRA(**{"targets": TARGETS[arch], **kwargs})
     check_invariants(arch, method, EXPECT.get(variant, Expect(tol=tol)))
+
+
+# --------------------------------------------------------------------------------------------
+# The rest of the family: one row per method. A cell is an Expect (the invariants that apply,
+# with the reason beside any that do not) or, where the method cannot apply to that kind of model,
+# the error attach must raise (checked: it fails at attach, not in the middle of training).
+
+N_VIRTUAL = 4
+NOT_IDENTITY = {"identity_at_init": False}  # random virtual tokens / a new head change outputs from the start
+NO_MERGE = {"mergeable": False}  # nonlinear or input-side: no weight can absorb it; merge must refuse clearly
+PROMPT_CELLS = {"llama": Expect(**NOT_IDENTITY, **NO_MERGE), "gpt2": Expect(**NOT_IDENTITY, **NO_MERGE),
+                "bert": Expect(**NOT_IDENTITY, **NO_MERGE), "t5": "encoder-decoder"}
+
+
+def _heads(arch: str) -> dict:
+    return {"modules_to_save": ["classifier"]} if arch == "bert" else {}
+
+
+MATRIX = {
+    "ia3": (lambda arch: graft.IA3(**_heads(arch)), dict.fromkeys(TARGETS, Expect())),
+    "adapter-houlsby": (lambda arch: graft.Adapter(placement="houlsby", reduction_factor=8, **_heads(arch)),
+                        dict.fromkeys(TARGETS, Expect(**NO_MERGE))),
+    "adapter-pfeiffer": (lambda arch: graft.Adapter(placement="pfeiffer", reduction_factor=8, non_linearity="relu",
+                                                    **_heads(arch)), dict.fromkeys(TARGETS, Expect(**NO_MERGE))),
+    "adapter-parallel": (lambda arch: graft.Adapter(placement="parallel", reduction_factor=8, non_linearity="swish",
+                                                    **_heads(arch)), dict.fromkeys(TARGETS, Expect(**NO_MERGE))),
+    "prompt-tuning": (lambda arch: graft.PromptTuning(N_VIRTUAL), PROMPT_CELLS),
+    "p-tuning-mlp": (lambda arch: graft.PTuning(N_VIRTUAL, encoder_hidden_size=16), PROMPT_CELLS),
+    "p-tuning-lstm": (lambda arch: graft.PTuning(N_VIRTUAL, encoder="lstm", encoder_hidden_size=8), PROMPT_CELLS),
+    "prefix-tuning": (lambda arch: graft.PrefixTuning(N_VIRTUAL), PROMPT_CELLS),
+    "prefix-projection": (lambda arch: graft.PrefixTuning(N_VIRTUAL, projection=True, encoder_hidden_size=16),
+                          PROMPT_CELLS),
+    "bitfit": (lambda arch: graft.BitFit(), {"gpt2": Expect(), "bert": Expect(),
+                                             "llama": "has no bias parameters", "t5": "has no bias parameters"}),
+    "child-tuning-f": (lambda arch: graft.ChildTuning(mode="F", targets=TARGETS[arch]), dict.fromkeys(TARGETS, Expect())),
+    "child-tuning-d": (lambda arch: graft.ChildTuning(mode="D", targets=TARGETS[arch]), dict.fromkeys(TARGETS, Expect())),
+    "probe": (lambda arch: graft.Probe(), {"bert": Expect(**NOT_IDENTITY, **NO_MERGE), "llama": "generative model",
+                                           "gpt2": "generative model", "t5": "generative model"}),
+}
+
+
+@pytest.mark.parametrize("row", list(MATRIX))
+def test_method_matrix(arch, row):
+    factory, cells = MATRIX[row]
+    cell = cells[arch]
+    if isinstance(cell, str):
+        model = FACTORIES[arch]()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises((ValueError, TypeError), match=cell):
+            graft.attach(model, factory(arch))
+        assert not hasattr(model, graft.core.STATE_ATTR)
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        return
+    check_invariants(arch, factory(arch), cell)
+
+
+def test_every_registered_method_has_a_matrix_row():
+    covered = {type(MATRIX[row][0]("llama")) for row in MATRIX} | {graft.LoRA}
+    assert set(graft.core.REGISTRY.values()) <= covered, set(graft.core.REGISTRY.values()) - covered
 
 
 def test_embedding_lora_invariants():

@@ -71,12 +71,6 @@ def peft_logits(peft_model, inputs, case):
 PROMPT_EXPECT = Expect(identity_at_init=False, mergeable=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_invariants(arch, case):
-    check_invariants(arch, CASES[case][0], PROMPT_EXPECT)
-
-
 def test_vocab_and_text_init_invariants(tmp_path):
     check_invariants("llama", graft.PromptTuning(N, init="vocab"), PROMPT_EXPECT)
     tokenizer = make_tokenizer(tmp_path)
