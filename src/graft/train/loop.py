@@ -209,7 +209,8 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
             lr = config.lr * schedule(progress.step)  # the rate this step trains at (before scheduler.step)
             t0 = time.perf_counter()
             batches = [_to(collate([data[i] for i in indices]), device) for indices in group]
-            stats = _train_step(model, batches, loss_fn, optimizer, scheduler, scaler, params, config, device)
+            stats = _train_step(model, batches, loss_fn, optimizer, scheduler, scaler, params, config, device,
+                                step=progress.step + 1, total_steps=total)
             seconds = time.perf_counter() - t0
             progress.step, progress.epoch, progress.batch, progress.epoch_float = progress.step + 1, epoch, batch, epoch_float
             progress.losses.append(stats["loss"])
@@ -245,8 +246,15 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
 
 def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
                 optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, params: list[nn.Parameter],
-                config: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """One optimizer step over ``batches`` (the micro-batches of a gradient-accumulation group)."""
+                config: TrainConfig, device: torch.device, step: int = 1, total_steps: int = 1) -> dict[str, Any]:
+    """One optimizer step over ``batches`` (the micro-batches of a gradient-accumulation group).
+
+    ``step`` is the number of this optimizer step (1-based) out of ``total_steps``. Methods extend a
+    step through optional hooks: ``loss_penalty(model, name)`` (a term backpropagated once per step),
+    ``before_optimizer_step(model, name)`` (after clipping: gradient masks) and
+    ``after_optimizer_step(model, name, step=, total_steps=, optimizer=)`` (before the gradients are
+    cleared: rank allocation, merge-and-restart).
+    """
     supervised = sum(supervised_count(b, config.task) for b in batches)
     denom = max(supervised, 1)  # token-weighted over the whole step, not a mean of micro-batch means
     loss_sum = 0.0
@@ -256,6 +264,9 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
         scaled = micro / denom
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += micro.item()
+    for name, method in ckpt.method_hooks(model, "loss_penalty"):
+        penalty = method.loss_penalty(model, name)  # e.g. AdaLoRA's orthogonality term, once per step
+        (scaler.scale(penalty) if scaler is not None else penalty).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = None
@@ -269,6 +280,9 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
     else:
         optimizer.step()
     scheduler.step()
+    for name, method in ckpt.method_hooks(model, "after_optimizer_step"):
+        # Gradients are still there: AdaLoRA scores importance and prunes ranks, ReLoRA merges and restarts.
+        method.after_optimizer_step(model, name, step=step, total_steps=total_steps, optimizer=optimizer)
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     return {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens, "supervised_tokens": supervised}
