@@ -194,3 +194,16 @@ def test_probe_refuses_generative_models_and_bad_settings():
         graft.attach(tiny_llama(), graft.Probe(num_labels=2))
     with pytest.raises(ValueError, match="pooling='max' is not one of"):
         graft.Probe(pooling="max")
+
+
+def test_a_mostly_changed_delta_is_stored_dense(tmp_path):
+    model = graft.attach(tiny_llama(), graft.ChildTuning(targets=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.child_delta["default"].normal_()  # every entry changed, as mode F leaves it
+    graft.save(model, tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj."
+    assert set(k for k in saved if k.startswith(key)) == {key + "child_delta"}
+    fresh = graft.load(tiny_llama(), tmp_path)
+    assert torch.equal(fresh.model.layers[0].self_attn.q_proj.child_delta["default"], layer.child_delta["default"])

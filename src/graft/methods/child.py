@@ -10,7 +10,8 @@ Design decisions (METHODS.md §9 for the reference behaviour):
 * The change is held in a separate tensor Δ (zero at init) rather than written into W0, so the base
   stays bit-identical, ``graft.disabled`` gives the base model, several Child-Tuning adapters can
   coexist, merge is ``W0 += Δ``, and saving stores only the entries of Δ that changed (a sparse
-  delta: flat indices + values), not a copy of the weights. Gradients equal those of training W0.
+  delta: flat int32 indices + values), not a copy of the weights; a layer where at least half the
+  entries changed is stored dense (smaller than index/value pairs). Gradients equal those of training W0.
 * The mask is applied after gradient clipping and before the optimizer's moment update, as the
   reference ``ChildTuningAdamW`` does; so in mode F coordinates masked at one step still move by
   momentum (a property of the method, not a bug). In mode D coordinates outside the mask never
@@ -260,16 +261,28 @@ class ChildLinear(AdapterLayer):
         delta = self.child_delta[name].detach()
         flat = delta.flatten()
         idx = flat.nonzero(as_tuple=True)[0]
+        if 2 * idx.numel() >= flat.numel():
+            # Mostly changed (mode F moves nearly every entry through momentum): (index, value) pairs
+            # would take twice the bytes of the dense delta, so the dense delta is stored instead.
+            return {"child_delta": delta.clone()}
         index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64  # 4 bytes an entry where they suffice
         return {"child_indices": idx.to(index_dtype), "child_values": flat[idx].clone()}
 
     def load_adapter_state(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Inverse of ``adapter_state``: scatter the saved entries into a zero delta."""
+        delta = self.child_delta[name]
+        if "child_delta" in tensors and len(tensors) == 1:
+            dense = tensors["child_delta"]
+            if tuple(dense.shape) != tuple(delta.shape):
+                raise ValueError(f"Child-Tuning delta for '{where}' has shape {tuple(dense.shape)} but the weight has "
+                                 f"{tuple(delta.shape)}: the adapter was trained for a different base model")
+            with torch.no_grad():
+                delta.copy_(dense)
+            return
         missing = {"child_indices", "child_values"} - set(tensors)
         if missing:
             raise ValueError(f"Child-Tuning tensors for '{where}' lack {sorted(missing)}")
         idx, values = tensors["child_indices"], tensors["child_values"]
-        delta = self.child_delta[name]
         if idx.dim() != 1 or values.shape != idx.shape:
             raise ValueError(f"Child-Tuning tensors for '{where}': indices {tuple(idx.shape)} and values "
                              f"{tuple(values.shape)} must be two vectors of the same length")
