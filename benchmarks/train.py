@@ -55,7 +55,7 @@ def encode_reference(tok, row: dict, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def run_reference(args: argparse.Namespace) -> dict:
+def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -84,14 +84,14 @@ def run_reference(args: argparse.Namespace) -> dict:
         learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=math.ceil(0.1 * math.ceil(len(data) / args.batch_size)), weight_decay=0.0,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, data_seed=args.seed,
-        dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0,
+        dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0, bf16=bf16,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collate)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # per-step mean over supervised tokens
-    return {"impl": "peft+Trainer", "seconds": seconds, "supervised_tokens": supervised,
+    return {"impl": "peft+Trainer" + (" (bf16 autocast)" if bf16 else ""), "seconds": seconds, "supervised_tokens": supervised,
             "sup_tok_per_s": supervised / seconds, "peak_rss_mb": peak_rss_mb(),
             "final_loss": sum(losses[-3:]) / len(losses[-3:]), "losses": losses}
 
@@ -128,8 +128,8 @@ def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, check
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.child == "reference":
-        out = run_reference(args)
+    if args.child in ("reference", "reference-bf16"):
+        out = run_reference(args, bf16=args.child == "reference-bf16")
     else:
         flags = dict(x.split("=") for x in args.child.split(",")[1:])
         out = run_graft(args, **{k: v == "1" for k, v in flags.items()})
@@ -156,8 +156,8 @@ def main() -> None:
     # Headline: graft's defaults (packing + selective logits, no gradient checkpointing), fp32 like the reference.
     runs = ["graft,packing=1,selective=1,checkpointing=0,bf16=0", "reference",
             "graft,packing=1,selective=1,checkpointing=1,bf16=0"]
-    if bf16 == "1":
-        runs.append("graft,packing=1,selective=1,checkpointing=0,bf16=1")
+    if bf16 == "1":  # both sides with bf16 autocast too (Trainer's bf16=True is CPU autocast)
+        runs += ["graft,packing=1,selective=1,checkpointing=0,bf16=1", "reference-bf16"]
     if args.ablate:
         runs += ["graft,packing=0,selective=0,checkpointing=0", "graft,packing=1,selective=0,checkpointing=0",
                  "graft,packing=0,selective=1,checkpointing=0", "graft,packing=0,selective=0,checkpointing=1"]
@@ -181,6 +181,10 @@ def main() -> None:
     print(f"peak RSS ratio graft/reference:   {g['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x (target <= 0.6x)")
     print(f"final loss difference:            {100 * (g['final_loss'] - ref['final_loss']) / ref['final_loss']:+.2f}% "
           "(target within 2%)")
+    if len(results) > 4:
+        gb, rb = results[3], results[4]
+        print(f"bf16 autocast on both sides: throughput {gb['sup_tok_per_s'] / rb['sup_tok_per_s']:.2f}x, "
+              f"peak RSS {gb['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x")
     for r in results[2:]:
         print(f"{r['impl']}: throughput {r['sup_tok_per_s'] / ref['sup_tok_per_s']:.2f}x, "
               f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, "

@@ -79,6 +79,12 @@ MATRIX = {
                                              "llama": "has no bias parameters", "t5": "has no bias parameters"}),
     "child-tuning-f": (lambda arch: graft.ChildTuning(mode="F", targets=TARGETS[arch]), dict.fromkeys(TARGETS, Expect())),
     "child-tuning-d": (lambda arch: graft.ChildTuning(mode="D", targets=TARGETS[arch]), dict.fromkeys(TARGETS, Expect())),
+    # Between restarts ReLoRA is a LoRA; its restarts are covered in tests/test_relora.py.
+    "relora": (lambda arch: graft.ReLoRA(r=4, targets=TARGETS[arch], restart_every=2, **_heads(arch)),
+               dict.fromkeys(TARGETS, Expect())),
+    # Identity at init holds: the singular values E start at zero (perturb_adapters then makes them non-zero).
+    "adalora": (lambda arch: graft.AdaLoRA(init_r=4, target_r=2, targets=TARGETS[arch], total_step=10, **_heads(arch)),
+                dict.fromkeys(TARGETS, Expect())),
     "probe": (lambda arch: graft.Probe(), {"bert": Expect(**NOT_IDENTITY, **NO_MERGE), "llama": "generative model",
                                            "gpt2": "generative model", "t5": "generative model"}),
 }
@@ -177,3 +183,25 @@ def test_two_adapters_on_a_classifier_each_get_their_own_head():
     expected = method.count(model)
     graft.attach(model, method, name="c")
     assert graft.report(model).trainable - before == expected  # "a" and "b" stay trainable
+
+
+def test_lora_delta_survives_bf16_autocast():
+    """Under autocast the base matmul returns bf16; a small LoRA delta added in bf16 would mostly round away."""
+    layer_model = FACTORIES["llama"]()
+    graft.attach(layer_model, graft.LoRA(r=4, targets=["q_proj"]))
+    q = layer_model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["default"].weight.normal_(0, 1e-4)  # early in training: B is tiny
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        exact = q._lora(x, "default")  # fp32 delta
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = q(x)
+            base = q.base_layer(x)
+    assert out.dtype == torch.float32  # the weights' precision, not bf16
+    got = out - base.float()
+    # The delta itself is computed in bf16 (~1% error over the whole tensor); added to a bf16 output of
+    # magnitude ~1 instead, most of it rounds away (the naive error is checked to be large, so this test bites).
+    relative = ((got - exact).norm() / exact.norm()).item()
+    naive = ((base + exact.to(torch.bfloat16)).float() - base.float() - exact).norm() / exact.norm()
+    assert relative < 0.02 and naive.item() > 0.3, (relative, naive.item())

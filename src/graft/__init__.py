@@ -1,5 +1,6 @@
 """graft: parameter-efficient adaptation of pretrained transformers."""
 
+from graft import decode
 from graft.core import (
     Average,
     Parallel,
@@ -13,8 +14,10 @@ from graft.core import (
     report,
     route,
 )
+from graft.data import prompting
 from graft.io import load, save
 from graft.merge import merge, unload, unmerge
+from graft.methods.adalora import AdaLoRA
 from graft.methods.adapter import Adapter
 from graft.methods.bitfit import BitFit
 from graft.methods.child import ChildTuning
@@ -23,11 +26,15 @@ from graft.methods.lora import LoRA
 from graft.methods.prefix import PrefixTuning
 from graft.methods.probe import Probe
 from graft.methods.prompt import PromptTuning, PTuning
+from graft.methods.relora import ReLoRA
+from graft.plan import plan
+from graft.quant import prepare_kbit_training
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IA3",
+    "AdaLoRA",
     "Adapter",
     "Average",
     "BitFit",
@@ -38,15 +45,20 @@ __all__ = [
     "PrefixTuning",
     "Probe",
     "PromptTuning",
+    "ReLoRA",
     "Report",
     "Stack",
     "activate",
     "active_adapters",
     "attach",
+    "decode",
     "detach",
     "disabled",
     "load",
     "merge",
+    "plan",
+    "prepare_kbit_training",
+    "prompting",
     "report",
     "route",
     "save",

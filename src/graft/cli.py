@@ -13,6 +13,13 @@ EXAMPLES = {
     "generate": 'graft generate --model smollm2-135m --adapter runs/x/adapter --prompt "What is LoRA?"',
     "merge": "graft merge --model smollm2-135m --adapter runs/x/adapter --out runs/x/merged --dtype bf16",
     "inspect": "graft inspect runs/x/adapter",
+    "eval": "graft eval --model smollm2-135m --data gsm8k.jsonl --task math --strategy cot --k 4 --limit 200\n"
+            "  graft eval --model smollm2-135m --data sst2.tsv --task classification --text-field sentence "
+            "--labels 0=negative,1=positive --strategy few-shot --k 4 --select similar\n"
+            "  graft eval --model smollm2-135m --data gsm8k.jsonl --task math --strategy proxy --expert runs/cot/adapter",
+    "plan": "graft plan --model llama-2-7b --memory 24GB --seq-len 2048 --batch 4 --goal instructions\n"
+            "  graft plan --model ./my-model-dir --memory 16GiB --json\n"
+            "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
 }
 
 
@@ -25,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {EXAMPLES[name]}",
+        return sub.add_parser(name, help=help_, description=help_.replace("%%", "%"), epilog=f"example:\n  {EXAMPLES[name]}",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     add_train_arguments(verb("train", "Fine-tune a model on a data file (LoRA and friends, or full)."))
@@ -45,18 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    m.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
+                   help="the base was quantized in training (graft train --quantize): merge into its dequantized "
+                        "weights, so the dense export computes what was trained; default: the full-precision base")
 
     i = verb("inspect", "Describe an adapter directory: method, rank, targets, sizes, base model.")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+
+    add_eval_arguments(verb("eval", "Evaluate a model (and adapter) by a prompting strategy: accuracy with a 95%% "
+                                    "interval, tokens, time, per-example JSONL."))
+
+    add_plan_arguments(verb("plan", "What fits in your memory, what each method costs, and which one to use "
+                                    "(nothing is loaded: the architecture is built on the meta device)."))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}[args.verb](args)
-    except (CliError, FileNotFoundError, ValueError, KeyError) as e:
+        return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
+                "plan": cmd_plan, "eval": cmd_eval}[args.verb](args)
+    except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
         return 2
@@ -80,6 +97,7 @@ TRAIN_FLAGS = [
     ("--alpha", float, "LoRA alpha"),
     ("--dropout", float, "LoRA dropout"),
     ("--targets", str, "comma-separated module names, a regex, or all-linear"),
+    ("--quantize", str, "nf4, fp4 or int8: train on a bitsandbytes-quantized base (QLoRA: nf4)"),
     ("--task", str, "causal-lm or classification"),
     ("--text-field", str, "column holding the text (classification)"),
     ("--label-field", str, "column holding the label (classification)"),
@@ -102,6 +120,8 @@ TRAIN_FLAGS = [
     ("--save-every", int, "checkpoint every N steps"),
     ("--logits-chunk", int, "rows of the output head computed at once"),
     ("--out", str, "output directory (adapter, checkpoints, metrics.jsonl, loss.png)"),
+    ("--strategy", str, "under torchrun: ddp (model on every rank) or fsdp (frozen base sharded across ranks)"),
+    ("--dist-timeout", float, "under torchrun: seconds a collective waits for the other ranks (default 1800)"),
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
@@ -137,6 +157,7 @@ def _key_values(items: list[str]) -> dict[str, object]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from graft import recipe
+    from graft.train import distributed
 
     options = recipe.read_yaml(args.config) if args.config else {}
     where = args.config or "flags"
@@ -151,6 +172,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     options.setdefault("out_dir", "runs/latest")
     job, config = recipe.split_options(options, where)
     _, _, result = recipe.run(job, config, resume=args.resume)
+    main = distributed.is_main()  # under torchrun, rank 0 reports
+    distributed.shutdown()
+    if not main:
+        return 0
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
           + f", {result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {result.saved_to}")
@@ -200,7 +225,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import graft
     from graft.io import atomic_dir_write
 
-    model, tok = _load_model(args.model, args.adapter)
+    if args.quantize:
+        from graft import models, quant
+
+        model, tok = models.load(args.model, quantize=args.quantize, compute_dtype=torch.float32)
+        graft.load(quant.dequantize_model(model), args.adapter)  # dense, so the merge below is exact
+    else:
+        model, tok = _load_model(args.model, args.adapter)
     plain = graft.unload(model, merge=True).to(getattr(torch, DTYPES[args.dtype]))
 
     def write(tmp: Path) -> None:
@@ -249,6 +280,179 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         elif k == "parameters":
             v = f"{v:,}"
         print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, mistral-7b, qwen2-7b, "
+                        "smollm2-135m, gpt2, bert-base), a built-in model, or a directory / config.json")
+    p.add_argument("--memory", default="24GB", help="accelerator memory: 24GB, 16GiB, 512MB (default 24GB)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch (default 1)")
+    p.add_argument("--goal", choices=["instructions", "reasoning", "classification", "multi-task", "no-training"],
+                   help="what the fine-tuning is for; shapes the recommendation")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="weights and activations (16-bit = mixed precision); default bf16")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="force it on or off (default: on only where a method needs it to fit)")
+    p.add_argument("--r", type=int, default=8, help="LoRA / QLoRA / DoRA rank (default 8)")
+    p.add_argument("--targets", help="LoRA targets: comma-separated names, a regex, or all-linear")
+    p.add_argument("--virtual-tokens", type=int, default=20, help="prompt / prefix tuning length (default 20)")
+    p.add_argument("--logits-chunk", type=int, default=512, help="rows of the LM head computed at once")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--reserve", help="memory the runtime needs besides tensors (default 1GB on cuda, 0 on cpu)")
+    p.add_argument("--tasks", type=int, default=1, help="tasks sharing one base (multi-task advice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per method")
+    p.add_argument("--plot", metavar="FILE.png", help="write a stacked bar chart of the memory per method")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from graft.plan import plan
+    from graft.recipe import _targets
+
+    result = plan(args.model, memory=args.memory, seq_len=args.seq_len, batch=args.batch, goal=args.goal,
+                  dtype=args.dtype, optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
+                  r=args.r, targets=_targets(args.targets) if args.targets else None,
+                  num_virtual_tokens=args.virtual_tokens, logits_chunk=args.logits_chunk, device=args.device,
+                  reserve=args.reserve, tasks=args.tasks)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result)
+    if args.plot:
+        print(f"wrote {result.plot(args.plot)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    p.add_argument("--adapter", help="adapter directory to evaluate with (PEFT format)")
+    p.add_argument("--data", required=True, help="rows to evaluate: .jsonl, .json, .csv or .tsv")
+    p.add_argument("--task", required=True, choices=["math", "classification", "exact"],
+                   help="math: GSM8K-style numbers; classification: label likelihood; exact: normalised match")
+    p.add_argument("--strategy", default="zero-shot",
+                   choices=["zero-shot", "few-shot", "cot", "zero-shot-cot", "self-consistency", "proxy"])
+    p.add_argument("--k", type=int, help="few-shot / cot: exemplars (default 4); self-consistency: chains (default 5)")
+    p.add_argument("--shots", type=int, help="exemplars in the prompt (self-consistency; default 4)")
+    p.add_argument("--select", choices=["first", "random", "similar"], default="first",
+                   help="exemplar selection (similar: nearest by all-MiniLM-L6-v2 embedding)")
+    p.add_argument("--exemplars", help="file to draw exemplars from (default: --data; a row is never its own)")
+    p.add_argument("--expert", help="proxy: the expert, an adapter directory (anti-expert: its base with the "
+                                    "adapter off) or a model (then --anti-expert is needed)")
+    p.add_argument("--expert-model", help="proxy: the model the --expert adapter belongs to (default: --model)")
+    p.add_argument("--anti-expert", help="proxy: the untuned model (default: the expert's base, adapter off)")
+    p.add_argument("--alpha", type=float, default=1.0, help="proxy: steering strength (paper: 1.0)")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences generated or scored at once")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: greedy; self-consistency 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", help="query template with {field} names, e.g. 'Q: {question}\\nA:'")
+    p.add_argument("--instruction", help="text before the exemplars (chat: the system message)")
+    p.add_argument("--labels", help="classification verbalisers: LABEL=word,..., e.g. 0=negative,1=positive")
+    p.add_argument("--text-field", help="column holding the text (classification)")
+    p.add_argument("--label-field", help="column holding the label (classification)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--max-prompt-tokens", type=int, help="prompt budget: exemplars are dropped to fit, the query "
+                                                         "is never cut (default: context minus answer)")
+    p.add_argument("--out", help="output directory (default runs/eval-TASK-STRATEGY)")
+
+
+def _eval_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """(shots, samples) from --k / --shots, which mean different things per strategy."""
+    s = args.strategy
+    if s in ("few-shot", "cot"):
+        if args.k is not None and args.shots is not None and args.k != args.shots:
+            raise CliError(f"--strategy {s}: --k and --shots both set the exemplars; give one")
+        return next((v for v in (args.k, args.shots) if v is not None), 4), 1
+    if s == "self-consistency":
+        return (4 if args.shots is None else args.shots), (5 if args.k is None else args.k)
+    given = [flag for flag, value in (("--k", args.k), ("--shots", args.shots)) if value is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise CliError(f"{' and '.join(given)} {verb} not apply to --strategy {s} (it shows no exemplars)")
+    return 0, 1
+
+
+def _eval_labels(text: str | None) -> dict[str, str] | None:
+    if text is None:
+        return None
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
+        raise CliError(f"--labels {text!r} must look like LABEL=word,LABEL=word, e.g. 0=negative,1=positive")
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def _proxy_source(args: argparse.Namespace, model, tok):
+    """base / expert / anti-expert members for --strategy proxy."""
+    import graft
+    from graft import decode, models
+
+    expert = Path(args.expert)
+    if not expert.exists():
+        raise FileNotFoundError(f"--expert {args.expert} does not exist")
+    base = decode.adapter_on(model, "default") if args.adapter else decode.adapter_off(model)
+    tokenizers = [tok]
+    if (expert / "adapter_config.json").is_file():
+        same = args.expert_model in (None, args.model)
+        small, small_tok = (model, tok) if same else models.load(args.expert_model)
+        graft.load(small, expert, name="expert", activate=False)
+        expert_member, anti = decode.adapter_on(small, "expert"), decode.adapter_off(small)
+        tokenizers.append(small_tok)
+    elif (expert / "config.json").is_file() or expert.suffix == ".gguf":
+        if not args.anti_expert:
+            raise CliError("--expert is a model, so --anti-expert (its untuned counterpart) is needed")
+        small, small_tok = models.load(expert)
+        expert_member = decode.Member(small)
+        tokenizers.append(small_tok)
+    else:
+        raise CliError(f"--expert {args.expert} is neither an adapter directory (adapter_config.json) nor a model")
+    if args.anti_expert:
+        anti_model, anti_tok = models.load(args.anti_expert)
+        anti = decode.Member(anti_model)
+        tokenizers.append(anti_tok)
+    return decode.ProxyTuner(base, expert_member, anti, alpha=args.alpha, tokenizers=tokenizers)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from graft import data, decode
+
+    shots, samples = _eval_sizes(args)
+    if (args.strategy == "proxy") != bool(args.expert):
+        raise CliError("--strategy proxy needs --expert DIR" if args.expert is None
+                       else "--expert goes with --strategy proxy")
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit must be >= 1, got {args.limit}")
+    fields = {k: v for k, v in (("text", args.text_field), ("label", args.label_field)) if v}
+    temperature = {"temperature": args.temperature} if args.temperature is not None else {}
+    if args.strategy == "self-consistency":
+        temperature = {"sc_temperature": args.temperature} if args.temperature is not None else {}
+    def unescape(text: str | None) -> str | None:  # a shell passes "\\n" literally
+        return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+    config = decode.EvalConfig(
+        task=args.task, strategy=args.strategy, shots=shots, samples=samples, selection=args.select,
+        chat=args.chat_template, template=unescape(args.template), instruction=unescape(args.instruction),
+        labels=_eval_labels(args.labels), fields=fields or None, max_new_tokens=args.max_new_tokens,
+        top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+        **temperature,
+    )
+    records = data.read(args.data)
+    pool = data.read(args.exemplars) if args.exemplars else records
+    model, tok = _load_model(args.model, args.adapter)
+    source = _proxy_source(args, model, tok) if args.strategy == "proxy" else model
+    meta = {"model": args.model, "adapter": args.adapter, "expert": args.expert, "data": args.data}
+    result = decode.evaluate(source, tok, records[: args.limit], config, pool=pool, meta=meta)
+    paths = decode.write_results(result, args.out or f"runs/eval-{args.task}-{args.strategy}")
+    s = result.summary
+    print(decode.format_table([s]))
+    print(f"\naccuracy {100 * s['accuracy']:.1f}% (95% CI {100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}), "
+          f"{s['tokens']:,} tokens in {s['seconds']:.1f}s; wrote {paths['predictions']} and {paths['table']}")
     return 0
 
 

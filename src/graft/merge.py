@@ -7,10 +7,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from graft.core import STATE_ATTR, adapter_layers, set_submodule, state_of
+from graft.quant import report_requantization
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights. Idempotent.
+
+    Merging into a bitsandbytes-quantized base dequantizes, adds and quantizes again; the rounding
+    that introduces is reported in a warning (``graft.quant.merge_error`` has the figures).
 
     Raises:
         NotImplementedError: For an adapter kind that cannot be merged (named in the message).
@@ -34,6 +38,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modu
         here = [n for n in names if n in layer.configs]
         if here:
             layer.merge(here)
+    report_requantization(model)
     return model
 
 
@@ -42,6 +47,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         if layer.merged:
             layer.unmerge()
+    report_requantization(model)
     return model
 
 
@@ -64,7 +70,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         plain = layer.unloaded(merge)
         if lname:
             set_submodule(model, lname, plain)
+    report_requantization(model)
     object.__delattr__(model, STATE_ATTR)
     for p in model.parameters():
-        p.requires_grad_(True)
+        if p.is_floating_point():  # quantized weights are integer tensors and cannot train
+            p.requires_grad_(True)
     return model

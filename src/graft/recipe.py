@@ -24,7 +24,8 @@ from graft.train import TrainConfig
 METHOD_CLASSES = {
     "lora": "LoRA", "rslora": "LoRA", "dora": "LoRA", "ia3": "IA3", "adapter": "Adapter",
     "prompt-tuning": "PromptTuning", "p-tuning": "PTuning", "prefix-tuning": "PrefixTuning",
-    "bitfit": "BitFit", "child-tuning": "ChildTuning", "probe": "Probe",
+    "bitfit": "BitFit", "child-tuning": "ChildTuning", "probe": "Probe", "adalora": "AdaLoRA",
+    "relora": "ReLoRA",
 }
 METHODS = (*METHOD_CLASSES, "full")
 
@@ -52,9 +53,20 @@ class Job:
     text_field: str | None = None
     label_field: str | None = None
     limit: int | None = None
+    quantize: str | None = None  # nf4, fp4 or int8: a bitsandbytes base (QLoRA); None: full precision
+    strategy: str = "ddp"  # under torchrun: ddp or fsdp (graft.train.distributed); ignored in one process
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
 
     def __post_init__(self) -> None:
         _check_types(self)
+        self.distributed()  # a bad strategy or timeout fails here, before anything is loaded
+        if self.quantize is not None:
+            from graft.quant import check_mode
+
+            check_mode(self.quantize)  # an unknown value or a missing bitsandbytes fails before any loading
+            if self.method == "full":
+                raise ValueError(f"quantize={self.quantize!r} freezes the base in bitsandbytes layers, so "
+                                 "method=full cannot train it; use an adapter method such as lora")
         if self.format is not None:
             from graft.data.formats import spec_for
 
@@ -69,6 +81,12 @@ class Job:
             raise ValueError(f"eval_split={self.eval_split!r} must be in [0, 1)")
         if self.max_length < 8:
             raise ValueError(f"max_length={self.max_length!r} must be at least 8")
+
+    def distributed(self):
+        """The settings of a multi-process (torchrun) run."""
+        from graft.train.distributed import DistConfig
+
+        return DistConfig(strategy=self.strategy, timeout_s=self.dist_timeout)
 
 
 JOB_KEYS = {f.name for f in dataclasses.fields(Job)}
@@ -122,8 +140,14 @@ def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job,
     if isinstance(options.get("targets"), list):
         options = {**options, "targets": ",".join(options["targets"])}
     job = Job(**{k: v for k, v in options.items() if k in JOB_KEYS})
-    build_method(job)  # the method's own settings are checked now, before anything is loaded
+    method = build_method(job)  # the method's own settings are checked now, before anything is loaded
     train_opts = {k: v for k, v in options.items() if k in TRAIN_KEYS}
+    if job.method == "relora" and train_opts.get("schedule") == "cosine_restarts":
+        # The jagged schedule must restart where the method merges: one number, given once.
+        train_opts.setdefault("restart_every", method.restart_every)
+        if train_opts["restart_every"] != method.restart_every:
+            raise ValueError(f"restart_every={train_opts['restart_every']!r} (the schedule) differs from the ReLoRA "
+                             f"method's restart_every={method.restart_every!r}; give it once, in method_args")
     if job.method == "probe":
         train_opts.setdefault("task", "classification")
         if train_opts["task"] != "classification":
@@ -167,7 +191,7 @@ def build_method(job: Job):
 def prepare(job: Job, config: TrainConfig):
     """Load data, model and adapter; return (model, tokenizer, train rows, eval rows, collate)."""
     import graft
-    from graft import data, models
+    from graft import data, models, quant
 
     if job.data is None:
         raise ValueError("no training data: pass --data FILE (jsonl, json, csv or tsv) or set data: in the config")
@@ -186,10 +210,13 @@ def prepare(job: Job, config: TrainConfig):
         records = [records[i] for i in order[cut:]]
     classification = config.task == "classification"
     label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
+    kbit = {"quantize": job.quantize, "compute_dtype": quant.default_compute_dtype()} if job.quantize else {}
     if classification:
-        model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map))
+        model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map), **kbit)
     else:
-        model, tokenizer = models.load(job.model)
+        model, tokenizer = models.load(job.model, **kbit)
+    if job.quantize:
+        graft.prepare_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     fmt = job.format or ("classification" if classification else None)
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
@@ -222,11 +249,13 @@ def make_collate(model, tokenizer, max_length: int, packed: bool):
 
 def run(job: Job, config: TrainConfig, resume: bool = False):
     """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``."""
-    from graft.train import train
+    from graft.train import distributed, train
 
+    distributed.init_process_group(job.dist_timeout)  # under torchrun; first, so each rank picks its own GPU
     model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config)
-    result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume)
-    if config.out_dir:
+    result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume,
+                   distributed=job.distributed())
+    if config.out_dir and distributed.is_main():
         out = Path(config.out_dir)
         target = out / ("adapter" if job.method != "full" else "model")
         tokenizer.save_pretrained(target)

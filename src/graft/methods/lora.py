@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graft import quant
 from graft import targets as tg
 from graft.core import AdapterLayer, GraftState, TargetedMethod, register
 from graft.methods.heads import apply_modules_to_save, heads_to_save, modules_to_save_count
@@ -311,6 +312,13 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 # Layers
 
 
+def _lowered_by_autocast(out: torch.Tensor, base: nn.Module) -> bool:
+    """Whether ``out`` is in a lower precision than the layer's (floating-point) weight because of autocast."""
+    weight = getattr(base, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
+            and out.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(out.device.type))
+
+
 class LoraLinear(AdapterLayer):
     """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D`` (fan-in/fan-out: only weight-touching ops transpose)."""
 
@@ -353,9 +361,20 @@ class LoraLinear(AdapterLayer):
 
     # ---- math
     def base_weight(self) -> torch.Tensor:
-        """W0 as (d_out, d_in), whatever the storage layout."""
+        """W0 as (d_out, d_in), whatever the storage layout (dequantized to fp32 for a bitsandbytes base)."""
+        if quant.is_quantized(self.base_layer):
+            return quant.dequantize(self.base_layer)
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
+
+    def _set_base_weight(self, new: torch.Tensor) -> None:
+        """Store W (d_out, d_in, fp32) in the base layer; a quantized base is requantized (error recorded)."""
+        if quant.is_quantized(self.base_layer):
+            quant.requantize(self.base_layer, new)
+            return
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((new.T if self.fan_in_fan_out else new).to(w.dtype))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B A in fp32, (d_out, d_in)."""
@@ -393,7 +412,13 @@ class LoraLinear(AdapterLayer):
         out = self.base_layer(x, *args, **kwargs)
         if self.routed():
             return out + self._routed_delta(x).to(out.dtype)
-        for name in self.active_here():
+        names = self.active_here()
+        if names and _lowered_by_autocast(out, self.base_layer):
+            # Under autocast the base matmul returns bf16/fp16 although the weights are fp32. Adding the
+            # (small, early in training: B starts at zero) LoRA delta in that precision rounds most of it
+            # away (bf16 keeps 8 bits), which slows learning; add it in the weights' precision instead.
+            out = out.to(self.base_layer.weight.dtype)
+        for name in names:
             if self.configs[name].dora:
                 out = self._dora(x, out, name)
             else:
@@ -457,11 +482,9 @@ class LoraLinear(AdapterLayer):
 
     # ---- merge
     def merge(self, names: list[str]) -> None:
-        _check_mergeable(self.base_layer)
         for name in names:
             if name in self.merged:
                 continue  # idempotent
-            w = self.base_layer.weight
             w0 = self.base_weight().float()
             delta = self.delta_weight(name)
             if self.configs[name].dora:
@@ -470,22 +493,19 @@ class LoraLinear(AdapterLayer):
                 new = (self.lora_magnitude_vector[name].float() / norm).unsqueeze(1) * (w0 + delta)
             else:
                 new = w0 + delta
-            with torch.no_grad():
-                w.copy_((new.T if self.fan_in_fan_out else new).to(w.dtype))
+            self._set_base_weight(new)
             self.merged.append(name)
 
     def unmerge(self) -> None:
         while self.merged:
             name = self.merged.pop()
-            w = self.base_layer.weight
             cur = self.base_weight().float()
             delta = self.delta_weight(name)
             if self.configs[name].dora:
                 old = cur / (self.lora_magnitude_vector[name].float() / self._norms.pop(name)).unsqueeze(1) - delta
             else:
                 old = cur - delta
-            with torch.no_grad():
-                w.copy_((old.T if self.fan_in_fan_out else old).to(w.dtype))
+            self._set_base_weight(old)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         state = super().adapter_state(name)
@@ -578,8 +598,10 @@ def routed_loop(layer: AdapterLayer, x: torch.Tensor, names: list[str]) -> torch
 
 
 def _check_mergeable(base: nn.Module) -> None:
-    if type(base.weight).__name__ in ("Params4bit", "Int8Params"):
-        raise NotImplementedError(f"merging into a quantized {type(base).__name__} is not supported yet")
+    """PiSSA / OLoRA rewrite W0 into a residual at init; graft does not do that to a quantized base."""
+    if quant.is_quantized(base):
+        raise NotImplementedError(f"init='pissa'/'olora' on a quantized {type(base).__name__} is not supported; "
+                                  "use init='default' or 'gaussian' on a quantized base")
 
 
 # --------------------------------------------------------------------------------------------

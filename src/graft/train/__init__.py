@@ -6,11 +6,13 @@ gradient accumulation, atomic checkpoints and exact resume.
 """
 
 from graft.train.config import TrainConfig
+from graft.train.distributed import DistConfig
 from graft.train.loop import TrainResult, epoch_batches, evaluate, train
 from graft.train.loss import causal_lm_loss, supervised_count
 from graft.train.optim import Schedule, build_optimizer, build_scheduler, lora_b_parameters, param_groups
 
 __all__ = [
+    "DistConfig",
     "Schedule",
     "TrainConfig",
     "TrainResult",

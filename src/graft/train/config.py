@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 OPTIMIZERS = ("adamw", "adamw8bit")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "cosine_restarts")
 AUTOCAST = ("bf16", "fp16", None)
 TASKS = ("causal-lm", "classification")
 
@@ -34,9 +34,18 @@ class TrainConfig:
         optimizer: "adamw" (torch) or "adamw8bit" (bitsandbytes, 8-bit optimizer states).
         loraplus_ratio: LoRA+ (Hayou et al. 2024): train LoRA B matrices, and every trainable
             vector, at ``ratio x lr`` (>= 1); None trains everything at ``lr``.
-        schedule: "cosine", "linear" (both decay to 0 at the last step) or "constant", after warmup.
+        schedule: "cosine", "linear" (both decay to 0 at the last step) or "constant", after warmup;
+            or "cosine_restarts", ReLoRA's jagged cosine (Lialin et al. 2023): a cosine from the peak to
+            ``min_lr_ratio x lr`` over the run, dropping to 0 every ``restart_every`` steps and warming
+            back up over ``restart_warmup_steps`` (use it with ``graft.ReLoRA`` and the same
+            ``restart_every``, so each merge-and-restart is followed by a warm restart).
         warmup_steps: Linear warmup from 0 over this many steps.
         warmup_ratio: Warmup as a fraction of the total steps, in [0, 1); use one of the two.
+        restart_every: "cosine_restarts" only: steps per cycle (>= 1, >= the warmup).
+        restart_warmup_steps: "cosine_restarts" only: linear warmup after each restart, in
+            [0, restart_every); None takes restart_every // 10 (ReLoRA's 1B config: 100 of 1000).
+        min_lr_ratio: "cosine_restarts" only: the floor of the cosine as a fraction of ``lr``, in
+            [0, 1]; None takes ReLoRA's default 0.1.
         max_grad_norm: Clip the global gradient norm to this value; None or 0 disables clipping.
         gradient_checkpointing: Recompute each decoder layer's activations in backward.
         autocast: "bf16", "fp16" or None (fp32). On CPU, bf16 needs AVX512-BF16 or AMX.
@@ -64,6 +73,9 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
+    restart_every: int | None = None
+    restart_warmup_steps: int | None = None
+    min_lr_ratio: float | None = None
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     autocast: str | None = None
@@ -107,6 +119,7 @@ class TrainConfig:
                 f"TrainConfig sets both warmup_steps={self.warmup_steps!r} and warmup_ratio={self.warmup_ratio!r}; "
                 "use one"
             )
+        self._check_restarts()
         if self.max_grad_norm is not None:
             _number("max_grad_norm", self.max_grad_norm, low=0.0)
         _flag("gradient_checkpointing", self.gradient_checkpointing)
@@ -124,6 +137,32 @@ class TrainConfig:
         _choice("task", self.task, TASKS)
         _integer("log_every", self.log_every, low=1)
         _flag("progress", self.progress)
+
+    def _check_restarts(self) -> None:
+        """The "cosine_restarts" fields: required / in range with that schedule, unset with any other."""
+        fields = ("restart_every", "restart_warmup_steps", "min_lr_ratio")
+        if self.schedule != "cosine_restarts":
+            for name in fields:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"TrainConfig {name}={getattr(self, name)!r} is only used by "
+                                     f"schedule='cosine_restarts', not schedule={self.schedule!r}")
+            return
+        if self.restart_every is None:
+            raise ValueError("TrainConfig schedule='cosine_restarts' needs restart_every (steps per cycle; the "
+                             "same number as graft.ReLoRA(restart_every=...))")
+        _integer("restart_every", self.restart_every, low=1)
+        if self.restart_warmup_steps is not None:
+            _integer("restart_warmup_steps", self.restart_warmup_steps, low=0)
+            if self.restart_warmup_steps >= self.restart_every:
+                raise ValueError(f"TrainConfig restart_warmup_steps={self.restart_warmup_steps!r} must be less than "
+                                 f"restart_every={self.restart_every!r}")
+        if self.min_lr_ratio is not None:
+            _number("min_lr_ratio", self.min_lr_ratio, low=0.0)
+            if self.min_lr_ratio > 1.0:
+                raise ValueError(f"TrainConfig min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.warmup_steps > self.restart_every:
+            raise ValueError(f"TrainConfig warmup_steps={self.warmup_steps!r} must not exceed "
+                             f"restart_every={self.restart_every!r} with schedule='cosine_restarts'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,6 +32,8 @@ from graft.io import atomic_dir_write
 from graft.io import save as save_adapter
 from graft.train import checkpoint as ckpt
 from graft.train.config import DATA_ORDER_FIELDS, TrainConfig
+from graft.train.distributed import DistConfig, Distributed
+from graft.train.distributed import setup as setup_distributed
 from graft.train.loss import (
     IGNORE_INDEX,
     causal_lm_loss_sum,
@@ -119,6 +121,7 @@ def train(
     resume: bool = False,
     *,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    distributed: DistConfig | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (an adapter after ``graft.attach``, or all of them).
 
@@ -133,7 +136,11 @@ def train(
         eval_data: Examples to evaluate on every ``config.eval_every`` steps and at the end.
         resume: Continue from the latest complete checkpoint in ``config.out_dir`` (start afresh
             if there is none).
-        on_step: Called after every optimizer step (and its checkpoint) with that step's metrics.
+        on_step: Called after every optimizer step (and its checkpoint) with that step's metrics
+            (on every rank, with the metrics of all ranks).
+        distributed: Strategy and collective timeout when this process is one of several
+            (``torchrun``); see :mod:`graft.train.distributed`. There ``config.batch_size`` (or
+            ``tokens_per_batch``) is per rank, and only rank 0 writes files.
 
     Returns:
         A :class:`TrainResult`. With ``out_dir``, the final adapter is in ``out_dir/adapter`` (or the
@@ -149,15 +156,20 @@ def train(
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if resume and out_dir is None:
         raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoints are)")
+    dist = setup_distributed(model, distributed, config.seed)  # None in a single process
+    order = dist.order_config(config) if dist is not None else config  # what decides the global data order
     device = next(model.parameters()).device
     _check_autocast(config, device)
     lengths = [_length(x) for x in train_data] if config.tokens_per_batch else None
-    total = config.max_steps or _count_steps(len(train_data), lengths, config)
+    total = config.max_steps or _count_steps(len(train_data), lengths, order)
     _seed_everything(config.seed)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total)
     scaler = torch.amp.GradScaler(device.type) if config.autocast == "fp16" else None
-    start = _find_start(out_dir, resume, config, len(train_data))
+    if dist is None:
+        start = _find_start(out_dir, resume, config, len(train_data))
+    else:  # rank 0 looks (and cleans up); every rank then loads the same checkpoint
+        start = dist.on_main(lambda: _find_start(out_dir, resume, config, len(train_data), dist.world_size))
 
     was_training = model.training
     checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else False
@@ -167,18 +179,25 @@ def train(
         if start is not None:
             progress = _Progress.from_state(ckpt.load_checkpoint(start, model, optimizer, scheduler, scaler))
         else:
-            _prepare_methods(model, train_data, collate, config, lengths, loss_fn, device)
+            _prepare_methods(model, train_data, collate, order, lengths, loss_fn, device)
         model.train()
         _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
-             optimizer, scheduler, scaler, progress, selective, on_step)
+             optimizer, scheduler, scaler, progress, selective, on_step, dist)
     finally:
         model.train(was_training)
         if checkpointing:
             _disable_checkpointing(model)
 
-    saved_to = _save_final(model, out_dir) if out_dir is not None else None
-    if out_dir is not None:
+    if dist is not None:
+        dist.check_in_sync(model)
+    saved_to = None
+    if out_dir is not None and (dist is None or dist.is_main):
+        saved_to = _save_final(model, out_dir)
         plot_losses(progress.records, out_dir / PLOT_NAME)
+    if dist is not None:
+        dist.barrier()  # the files exist on return, on every rank
+        if out_dir is not None:
+            saved_to = out_dir / ("adapter" if ckpt.adapter_names(model) else "model")
     memory = peak_memory_mb()
     return TrainResult(
         steps=progress.step, epochs=round(progress.epoch_float, 4), losses=progress.losses,
@@ -193,24 +212,30 @@ def train(
 def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainConfig,
          eval_data: Sequence[Any] | None, device: torch.device, lengths: list[int] | None, total: int,
          loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-         progress: _Progress, selective: bool, on_step: Callable[[dict[str, Any]], None] | None) -> None:
+         progress: _Progress, selective: bool, on_step: Callable[[dict[str, Any]], None] | None,
+         dist: Distributed | None = None) -> None:
     """Steps from ``progress`` to ``total``: train, log, evaluate, checkpoint."""
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
-    metrics = MetricsLog(out_dir, progress.records) if out_dir is not None else None
+    main = dist is None or dist.is_main  # the process that writes files and shows progress
+    metrics = MetricsLog(out_dir, progress.records) if out_dir is not None and main else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     schedule = scheduler.lr_lambdas[0]
-    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
+               disable=not config.progress or not main, dynamic_ncols=True)
     started, base_elapsed, run_tokens = time.perf_counter(), progress.elapsed, 0
+    order = dist.order_config(config) if dist is not None else config
     try:
-        for group, (epoch, batch), epoch_float in _steps(len(data), lengths, config, progress.epoch, progress.batch):
+        for group, (epoch, batch), epoch_float in _steps(len(data), lengths, order, progress.epoch, progress.batch):
             if progress.step >= total:
                 break
             lr = config.lr * schedule(progress.step)  # the rate this step trains at (before scheduler.step)
             t0 = time.perf_counter()
-            batches = [_to(collate([data[i] for i in indices]), device) for indices in group]
+            if dist is None:
+                batches = [_to(collate([data[i] for i in indices]), device) for indices in group]
+            else:  # this rank's slice of each global micro-batch
+                batches = dist.local_batches(group, lambda part: _to(collate([data[i] for i in part]), device))
             stats = _train_step(model, batches, loss_fn, optimizer, scheduler, scaler, params, config, device,
-                                step=progress.step + 1, total_steps=total)
+                                step=progress.step + 1, total_steps=total, dist=dist)
             seconds = time.perf_counter() - t0
             progress.step, progress.epoch, progress.batch, progress.epoch_float = progress.step + 1, epoch, batch, epoch_float
             progress.losses.append(stats["loss"])
@@ -220,7 +245,8 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
             run_tokens += stats["tokens"]
             record = {"step": progress.step, "epoch": round(epoch_float, 4), "lr": lr, **stats,
                       "tok_per_s": round(stats["tokens"] / max(seconds, 1e-9), 1),
-                      "elapsed": round(progress.elapsed, 3), **peak_memory_mb()}
+                      "elapsed": round(progress.elapsed, 3),
+                      **(peak_memory_mb() if dist is None else dist.peak_memory_mb())}
             last = progress.step >= total
             if eval_data is not None and ((config.eval_every and progress.step % config.eval_every == 0) or last):
                 result = _evaluate(model, eval_data, collate, config, loss_fn, device)
@@ -230,9 +256,11 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
                 progress.records.append(record)
                 if metrics is not None:
                     metrics.write(record)
-            if config.save_every and progress.step % config.save_every == 0:
+            if config.save_every and progress.step % config.save_every == 0 and main:
                 state = {**progress.to_state(), "total_steps": total, "n_examples": len(data),
                          "selective_logits": selective, "config": config.to_dict()}
+                if dist is not None:
+                    state["world_size"] = dist.world_size  # config.batch_size was per rank
                 ckpt.save_checkpoint(out_dir, progress.step, model, optimizer, scheduler, scaler, state)
                 ckpt.prune_checkpoints(out_dir, config.keep_checkpoints)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", refresh=False,
@@ -246,7 +274,8 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
 
 def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
                 optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, params: list[nn.Parameter],
-                config: TrainConfig, device: torch.device, step: int = 1, total_steps: int = 1) -> dict[str, Any]:
+                config: TrainConfig, device: torch.device, step: int = 1, total_steps: int = 1,
+                dist: Distributed | None = None) -> dict[str, Any]:
     """One optimizer step over ``batches`` (the micro-batches of a gradient-accumulation group).
 
     ``step`` is the number of this optimizer step (1-based) out of ``total_steps``. Methods extend a
@@ -254,19 +283,29 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
     ``before_optimizer_step(model, name)`` (after clipping: gradient masks) and
     ``after_optimizer_step(model, name, step=, total_steps=, optimizer=)`` (before the gradients are
     cleared: rank allocation, merge-and-restart).
+
+    With ``dist``, ``batches`` are this rank's: the step is normalised by the supervised count of all
+    ranks and the trainable gradients are summed across ranks before clipping.
     """
     supervised = sum(supervised_count(b, config.task) for b in batches)
+    if dist is not None:
+        supervised = dist.sum_count(supervised)
     denom = max(supervised, 1)  # token-weighted over the whole step, not a mean of micro-batch means
     loss_sum = 0.0
-    for batch in batches:
-        with _autocast(config, device):
-            micro = loss_fn(model, batch)
-        scaled = micro / denom
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += micro.item()
+    with dist.forward_rng(step) if dist is not None else contextlib.nullcontext():
+        for batch in batches:
+            with _autocast(config, device):
+                micro = loss_fn(model, batch)
+            scaled = micro / denom
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += micro.item()
     for name, method in ckpt.method_hooks(model, "loss_penalty"):
         penalty = method.loss_penalty(model, name)  # e.g. AdaLoRA's orthogonality term, once per step
+        if dist is not None:
+            penalty = penalty / dist.world_size  # every rank adds it; the sum over ranks counts it once
         (scaler.scale(penalty) if scaler is not None else penalty).backward()
+    if dist is not None:
+        dist.sync_gradients(params)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = None
@@ -285,6 +324,8 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
         method.after_optimizer_step(model, name, step=step, total_steps=total_steps, optimizer=optimizer)
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    if dist is not None:
+        loss_sum, tokens = dist.reduce_stats(loss_sum, tokens, batches)
     return {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens, "supervised_tokens": supervised}
 
 
@@ -418,8 +459,13 @@ def _loss_fn(model: nn.Module, config: TrainConfig, first_batch: dict[str, torch
     return functools.partial(causal_lm_loss_sum, logits_chunk=config.logits_chunk, selective=selective), selective
 
 
-def _find_start(out_dir: Path | None, resume: bool, config: TrainConfig, n: int) -> Path | None:
-    """The checkpoint to resume from (checked against this run), or None to start afresh."""
+def _find_start(out_dir: Path | None, resume: bool, config: TrainConfig, n: int,
+                world_size: int = 1) -> Path | None:
+    """The checkpoint to resume from (checked against this run), or None to start afresh.
+
+    A run on ``world_size`` ranks reads ``batch_size`` / ``tokens_per_batch`` per rank: what must match
+    the checkpoint is the global value (per rank x ranks), so a run may resume on another number of ranks.
+    """
     if out_dir is None:
         return None
     ckpt.remove_stale_temporaries(out_dir)
@@ -430,19 +476,29 @@ def _find_start(out_dir: Path | None, resume: bool, config: TrainConfig, n: int)
         raise ValueError(f"{out_dir} already holds {latest.name}; pass resume=True to continue that run, "
                          "or choose another out_dir")
     state = ckpt.read_state(latest)
-    saved = state["config"]
-    bad = {f: (saved.get(f), getattr(config, f)) for f in DATA_ORDER_FIELDS if saved.get(f) != getattr(config, f)}
+    saved = _global_order(state["config"], state.get("world_size", 1))
+    now = _global_order(config.to_dict(), world_size)
+    bad = {f: (saved.get(f), now[f]) for f in DATA_ORDER_FIELDS if saved.get(f) != now[f]}
     if bad:
+        ranks = "" if world_size == 1 and "world_size" not in state else (
+            f"; batch sizes are global (per rank x ranks: {state.get('world_size', 1)} then, {world_size} now)")
         raise ValueError(f"cannot resume from {latest}: it was trained with a different data order "
-                         f"(field: (checkpoint, now) = {bad})")
+                         f"(field: (checkpoint, now) = {bad}){ranks}")
     if state["n_examples"] != n:
         raise ValueError(f"cannot resume from {latest}: it was trained on {state['n_examples']} examples, "
                          f"train_data has {n}")
-    changed = [k for k, v in config.to_dict().items() if k not in ("out_dir", "progress") and saved.get(k) != v]
+    changed = [k for k, v in now.items() if k not in ("out_dir", "progress") and saved.get(k) != v]
     if changed:
         warnings.warn(f"resuming {latest} with changed settings {changed}; the lr schedule continues as saved",
                       stacklevel=3)
     return latest
+
+
+def _global_order(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A config (as a dict) with its per-rank batch size or token budget made global."""
+    if world_size == 1:
+        return config
+    return {**config, **{k: config[k] * world_size for k in ("batch_size", "tokens_per_batch") if config.get(k)}}
 
 
 def _save_final(model: nn.Module, out_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Optimizers (AdamW, 8-bit AdamW), LoRA+ parameter groups, and learning-rate schedules.
+"""Optimizers (AdamW, 8-bit AdamW), LoRA+ parameter groups, and learning-rate schedules (warmup +
+cosine / linear / constant, and ReLoRA's jagged cosine with restarts).
 
 LoRA+ (Hayou et al. 2024, §4): the B matrices learn at ``ratio x lr``. graft finds B through the
 adapter-layer protocol (every adapter layer's ``lora_B`` container), never by matching names.
@@ -109,10 +110,61 @@ class Schedule:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+@dataclass
+class CosineRestarts:
+    """ReLoRA's jagged cosine schedule (Lialin et al. 2023, §3; ``cosine_restarts`` in
+    Guitaricet/relora ``training_utils.py``), as a multiplier at optimizer step ``t`` (0-based)::
+
+        t < T_w                       : t / T_w
+        rs = t mod R, rn = t // R
+        rs < T_rw and t >= R          : rs / T_rw · cos_m(rn·R + T_rw)     (warm restart)
+        otherwise                     : cos_m(t)
+        cos_m(t) = m + (1 - m) · ½ (1 + cos(π (t - T_w) / (N - T_w)))
+
+    with N = ``total``, T_w = ``warmup``, R = ``restart_every``, T_rw = ``restart_warmup``,
+    m = ``min_ratio``. Each restart step (t = R, 2R, ...) trains at lr 0 and the rate climbs back to the
+    cosine envelope over T_rw steps. The reference's ``adjust_step`` is always 0 here (a resumed run
+    restores the schedule's position instead), and N need not be a multiple of R (the reference
+    asserts it; a shorter last cycle is harmless). Past N the cosine stays at its floor.
+    """
+
+    warmup: int
+    total: int
+    restart_every: int
+    restart_warmup: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        in_cycle, cycle = step % self.restart_every, step // self.restart_every
+        if step >= self.restart_every and in_cycle < self.restart_warmup:
+            return in_cycle / self.restart_warmup * self._cosine(cycle * self.restart_every + self.restart_warmup)
+        return self._cosine(step)
+
+    def _cosine(self, step: int) -> float:
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def warmup_steps(config: TrainConfig, total: int) -> int:
     return config.warmup_steps or math.ceil(config.warmup_ratio * total)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> LambdaLR:
-    """A ``LambdaLR`` applying :class:`Schedule` to every group's own peak lr (LoRA+ keeps its ratio)."""
-    return LambdaLR(optimizer, Schedule(config.schedule, warmup_steps(config, total), total))
+    """A ``LambdaLR`` applying :class:`Schedule` (or :class:`CosineRestarts`) to every group's own peak
+    lr (LoRA+ keeps its ratio).
+
+    Raises:
+        ValueError: With "cosine_restarts", a warmup (from ``warmup_ratio``) longer than a cycle.
+    """
+    warmup = warmup_steps(config, total)
+    if config.schedule != "cosine_restarts":
+        return LambdaLR(optimizer, Schedule(config.schedule, warmup, total))
+    if warmup > config.restart_every:
+        raise ValueError(f"TrainConfig warmup_ratio={config.warmup_ratio!r} gives {warmup} warmup steps of {total}, "
+                         f"more than restart_every={config.restart_every!r}; the first warmup must fit in a cycle")
+    restart_warmup = (config.restart_warmup_steps if config.restart_warmup_steps is not None
+                      else config.restart_every // 10)
+    min_ratio = config.min_lr_ratio if config.min_lr_ratio is not None else 0.1
+    return LambdaLR(optimizer, CosineRestarts(warmup, total, config.restart_every, restart_warmup, min_ratio))
