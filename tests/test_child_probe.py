@@ -204,6 +204,6 @@ def test_a_mostly_changed_delta_is_stored_dense(tmp_path):
     graft.save(model, tmp_path)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     key = "base_model.model.model.layers.0.self_attn.q_proj."
-    assert set(k for k in saved if k.startswith(key)) == {key + "child_delta"}
+    assert {k for k in saved if k.startswith(key)} == {key + "child_delta"}
     fresh = graft.load(tiny_llama(), tmp_path)
     assert torch.equal(fresh.model.layers[0].self_attn.q_proj.child_delta["default"], layer.child_delta["default"])
