@@ -200,7 +200,8 @@ def main() -> None:
           + (", glibc default malloc" if args.glibc_default else ", MALLOC_MMAP_THRESHOLD_=64KiB")
           + "; MiB = 2^20 bytes.")
     print("runtime = RSS after imports and a tiny warm-up step; measured = training peak RSS - runtime.\n")
-    print("| method | seq len | weights | activations (plan) | predicted peak | measured peak | predicted / measured |")
+    print("| method | seq len | weights | activations (plan) | predicted peak | measured peak "
+          "| predicted / measured |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
     for m, p in rows:

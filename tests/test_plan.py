@@ -283,7 +283,8 @@ def test_unknown_preset_suggests_close_ones():
 
 def test_config_without_needed_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    with pytest.raises(ValueError, match="lacks num_hidden_layers, num_attention_heads, vocab_size, intermediate_size"):
+    missing = "lacks num_hidden_layers, num_attention_heads, vocab_size, intermediate_size"
+    with pytest.raises(ValueError, match=missing):
         graft.plan(tmp_path)
     with pytest.raises(ValueError, match="no model_type"):
         graft.plan({"hidden_size": 64})
@@ -299,10 +300,14 @@ def test_cli_errors_exit_2(capsys):
     assert "mistral-7b" in capsys.readouterr().err
 
 
-def test_local_config_dir_and_dict(tmp_path):
+def test_local_config_dir_dict_and_model_agree(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     (tmp_path / "config.json").write_text(json.dumps(TINY))
-    from_dir = graft.plan(tmp_path, memory="1GB")
-    assert from_dir.row("lora").trainable_params == graft.plan(TINY, memory="1GB").row("lora").trainable_params > 0
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))
+    counts = {graft.plan(source, memory="1GB").row("lora").trainable_params for source in (tmp_path, TINY, model)}
+    assert counts == {2 * 8 * (64 + 64 + 64 + 32)}  # r (d_in + d_out) on q and v of two blocks
+    assert not hasattr(model, "_graft_state") and all(not p.is_meta for p in model.parameters())  # untouched
 
 
 # --------------------------------------------------------------------------------------------

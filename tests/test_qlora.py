@@ -111,6 +111,26 @@ def test_4bit_weights_are_stored_in_exactly_the_nf4_budget(double_quant, bound):
     assert all(m.weight.dtype == torch.uint8 and m.weight.quant_state.blocksize == 64 for m in layers)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_same_codes_and_scales_as_transformers_bitsandbytes_config(mode, tmp_path):
+    pytest.importorskip("accelerate")  # transformers' bitsandbytes quantizer needs it; graft does not
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    ours = quant.quantize(AutoModelForCausalLM.from_pretrained(tmp_path), mode, compute_dtype=torch.float32)
+    hf_layers = {n for n, m in hf.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert hf_layers == {n for n, _ in quant.quantized_modules(ours)}  # lm_head left alone by both
+    for name in hf_layers:  # compared before any forward: transformers' layers repack on the first CPU call
+        a, b = hf.get_submodule(name).weight, ours.get_submodule(name).weight
+        assert a.quant_state.blocksize == b.quant_state.blocksize == 64
+        assert torch.equal(a.data.view(-1), b.data.view(-1))
+        assert torch.equal(bnb.functional.dequantize_4bit(a.data, a.quant_state),
+                           bnb.functional.dequantize_4bit(b.data, b.quant_state))
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Train on 4-bit, save, load on the fp and the 4-bit base, compare with the dequantized reference
 
@@ -262,6 +282,17 @@ def test_cli_trains_on_nf4_and_merge_exports_a_dense_model(cli_model_dir, tmp_pa
                     str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", local_files_only=True, dtype="auto")
     assert all(p.dtype == torch.bfloat16 for p in dense.parameters())
+
+
+def test_cli_trains_dora_on_an_int8_base_unpacked(cli_model_dir, tmp_path):
+    # LLM.int8() picks its outlier columns per batch, so packed examples would not be independent:
+    # the recipe trains int8 bases unpacked instead of failing the packing check.
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n"
+                            for i in range(4)))
+    assert run_cli(["train", "--model", str(cli_model_dir), "--data", str(data), "--quantize", "int8", "--method",
+                    "dora", "--max-steps", "1", "--batch-size", "2", "--r", "2", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ def parse_memory(value: str | float) -> int:
         else:
             why = "it has no unit" if not unit else f"unknown unit {match.group(2)!r}"
         units = ", ".join(u.upper() if "i" not in u else u[0].upper() + "iB" for u in _UNITS if u)
-        raise ValueError(f"cannot read memory {value!r}: {why}; write e.g. '24GB', '16GiB' or '512MB' (units: {units})")
+        raise ValueError(f"cannot read memory {value!r}: {why}; write e.g. '24GB', '16GiB' or '512MB' "
+                         f"(units: {units})")
     size = float(match.group(1)) * _UNITS[unit]
     if size < 1:
         raise ValueError(f"memory {value!r} must be at least one byte")
@@ -185,9 +186,11 @@ def load_config(model_or_config: Any) -> tuple[str, Any]:
     if isinstance(model_or_config, PretrainedConfig):
         return getattr(model_or_config, "name_or_path", "") or model_or_config.model_type, model_or_config
     if isinstance(model_or_config, dict):
-        return str(model_or_config.get("model_type", "config")), _config_from_fields(dict(model_or_config), "the dict")
+        name = str(model_or_config.get("model_type", "config"))
+        return name, _config_from_fields(dict(model_or_config), "the dict")
     if not isinstance(model_or_config, (str, os.PathLike)):
-        raise TypeError(f"graft.plan takes a preset name, a path, a config or a model, got {type(model_or_config).__name__}")
+        raise TypeError("graft.plan takes a preset name, a path, a config or a model, "
+                        f"got {type(model_or_config).__name__}")
     from graft import models
 
     text = os.fspath(model_or_config)
@@ -200,7 +203,8 @@ def load_config(model_or_config: Any) -> tuple[str, Any]:
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise ValueError(f"{path.parent} has no config.json; graft plan needs the model's config to build its shape")
+            raise ValueError(f"{path.parent} has no config.json; graft plan needs the model's config to build "
+                             "its shape")
     if path.is_file():
         try:
             fields = json.loads(path.read_text())
@@ -371,7 +375,8 @@ class _Trace:
         if spec.dora:  # (g - 1) · W0x keeps W0x, g · sBAx keeps sBAx; the row norm is built from weights
             self.save(self.cast(out, self.ad, name + ".dora"))
             self.save(self.new(f"{name}.dora_lora", out.width, self.ad))
-            # per feature: g = m / ‖W‖ keeps ‖W‖, g · sBAx keeps g, (g - 1) · W0x keeps g - 1 if W0x needs a gradient
+            # per feature: g = m / ‖W‖ keeps ‖W‖, g · sBAx keeps g, and (g - 1) · W0x keeps g - 1 if W0x
+            # needs a gradient
             self.fixed += (2 + out.grad) * out.width * self.ad
             # ‖W0 + sBA‖ builds W0 (cast), sBA and their sum, weight-sized, then drops them (detached)
             self.weight_transient = max(self.weight_transient, 3 * _weight_numel(module) * self.ad)
@@ -1050,7 +1055,8 @@ def _settings(memory: Any, seq_len: Any, batch: Any, goal: Any, dtype: Any, opti
         raise ValueError(f"plan seq_len={seq_len!r} must be at least 2 (one token predicts the next)")
     if goal is not None and goal not in GOALS:
         close = difflib.get_close_matches(str(goal), GOALS, n=1)
-        raise ValueError(f"plan goal={goal!r} is not one of {GOALS}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"plan goal={goal!r} is not one of {GOALS}{hint}")
     dtype = _DTYPE_ALIASES.get(str(dtype), str(dtype))
     if dtype not in DTYPES:
         raise ValueError(f"plan dtype={dtype!r} is not one of {tuple(DTYPES)}")
@@ -1061,7 +1067,10 @@ def _settings(memory: Any, seq_len: Any, batch: Any, goal: Any, dtype: Any, opti
     if ckpt is not None and not isinstance(ckpt, bool):
         raise ValueError(f"plan gradient_checkpointing={ckpt!r} must be True, False or None (only where needed)")
     budget = parse_memory(memory)
-    spare = (10**9 if device == "cuda" else 0) if reserve is None else (0 if reserve in (0, "0") else parse_memory(reserve))
+    if reserve is None:
+        spare = 10**9 if device == "cuda" else 0
+    else:
+        spare = 0 if reserve in (0, "0") else parse_memory(reserve)
     return _Settings(budget, seq_len, batch, dtype, optimizer, ckpt, chunk, device, spare, goal, tasks)
 
 
@@ -1080,8 +1089,10 @@ def _candidates(model: nn.Module, r: int, targets: Any, n_virtual: int) -> list[
         _Candidate("qlora", f"QLoRA: LoRA r={r} on an NF4 base", lora, quantized=True),
         _Candidate("dora", f"DoRA r={r} on {shown}", graft.LoRA(**lora_kw, dora=True)),
         _Candidate("ia3", "(IA)³ (default targets)", graft.IA3()),
-        _Candidate("prompt-tuning", f"prompt tuning, {n_virtual} tokens", graft.PromptTuning(num_virtual_tokens=n_virtual)),
-        _Candidate("prefix-tuning", f"prefix tuning, {n_virtual} tokens", graft.PrefixTuning(num_virtual_tokens=n_virtual)),
+        _Candidate("prompt-tuning", f"prompt tuning, {n_virtual} tokens",
+                   graft.PromptTuning(num_virtual_tokens=n_virtual)),
+        _Candidate("prefix-tuning", f"prefix tuning, {n_virtual} tokens",
+                   graft.PrefixTuning(num_virtual_tokens=n_virtual)),
         _Candidate("adapter", "bottleneck adapters (Houlsby, d/16)", graft.Adapter()),
         _Candidate("bitfit", "BitFit (biases)", graft.BitFit()),
     ]
@@ -1120,7 +1131,8 @@ def recommend(rows: list[Estimate], s: _Settings, inference: float, encoder: boo
         pick = qlora
         reasons.append(f"tight memory: 16-bit LoRA needs {format_bytes(_best(lora))} (its frozen weights alone "
                        f"{format_bytes(lora.weights_bytes)}), more than {mem}; QLoRA keeps the frozen base in NF4 "
-                       f"({format_bytes(qlora.weights_bytes)} of weights) and needs {_cost(qlora)}" + _ckpt_reason(qlora))
+                       f"({format_bytes(qlora.weights_bytes)} of weights) and needs {_cost(qlora)}"
+                       + _ckpt_reason(qlora))
     else:
         pick = qlora
         reasons.append(f"nothing fits: even QLoRA needs {format_bytes(_best(qlora))} with gradient checkpointing, "

@@ -41,9 +41,9 @@ from graft import targets as tg
 from graft.core import STATE_ATTR, set_submodule
 
 __all__ = [
-    "MODES", "MergeReport", "RequantError", "WeightBytes", "check_mode", "default_compute_dtype",
+    "BLOCKSIZE", "MODES", "MergeReport", "RequantError", "WeightBytes", "check_mode", "default_compute_dtype",
     "dequantize", "dequantize_model", "is_quantized", "merge_error", "prepare_kbit_training", "quantize",
-    "requantize", "weight_bytes",
+    "quantized_modules", "report_requantization", "requantize", "weight_bytes",
 ]
 
 logger = logging.getLogger(__name__)

@@ -227,7 +227,10 @@ def prepare(job: Job, config: TrainConfig):
     if method is not None:
         graft.attach(model, method)
     # Input-side methods (prompt, prefix) put virtual tokens in front of every row: one example per row.
-    packing = job.packing and not classification and not getattr(method, "input_side", False)
+    # LLM.int8() inference picks its 16-bit outlier columns over the whole batch, so the examples in a
+    # packed row are not numerically independent (the packing check sees logits move): int8 trains unpacked.
+    packing = (job.packing and not classification and not getattr(method, "input_side", False)
+               and job.quantize != "int8")
     return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length, packing), label_map
 
 
