@@ -86,8 +86,8 @@ def train_steps(model: nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e-
 # 1. Memory
 
 
-@pytest.mark.parametrize(("double_quant", "bound"), [(True, 0.16), (False, 0.16)])
-def test_4bit_weights_are_stored_in_exactly_the_nf4_budget(double_quant, bound):
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_weights_are_stored_in_exactly_the_nf4_budget(double_quant):
     # Hidden 256: the ~1 KiB of code books per layer is noise, as in real models (it would be 5% of a
     # 64x64 layer); 4.127 bits (DQ) or 4.5 bits per weight are 0.129x or 0.141x of fp32.
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def test_4bit_weights_are_stored_in_exactly_the_nf4_budget(double_quant, bound):
     stored = quant.weight_bytes(model)
     assert stored.fp32 == 4 * sum(sizes)
     assert stored.quantized == expected
-    assert stored.ratio <= bound
+    assert stored.ratio <= 0.16
     assert all(m.weight.dtype == torch.uint8 and m.weight.quant_state.blocksize == 64 for m in layers)
 
 
