@@ -236,6 +236,19 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 class TargetedMethod(Method):
     """Base for methods that wrap named modules (LoRA, IA³, bottleneck adapters...)."""
 
+    def freeze_targeting_fields(self) -> None:
+        """Store ``targets`` / ``exclude`` / ``modules_to_save`` / ``layers`` as tuples: copies, never the
+        caller's lists, so a frozen config cannot change under us (call from ``__post_init__``)."""
+        for name in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, name, None)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(getattr(self, "modules_to_save", None), str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        layers = getattr(self, "layers", None)
+        if layers is not None:
+            object.__setattr__(self, "layers", (layers,) if isinstance(layers, int) else tuple(layers))
+
     def resolve(self, model: nn.Module) -> list[str]:
         raise NotImplementedError
 

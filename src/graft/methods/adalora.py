@@ -154,14 +154,7 @@ class AdaLoRA(TargetedMethod):
         if self.total_step is not None:
             _check_int("total_step", self.total_step, minimum=1)
             self.check_schedule(self.total_step)
-        for name in ("targets", "exclude", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.modules_to_save, str):
-            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", (self.layers,) if isinstance(self.layers, int) else tuple(self.layers))
+        self.freeze_targeting_fields()
         if self.rank_pattern is not None:
             pattern = {}
             for key, keep in self.rank_pattern.items():

@@ -81,14 +81,7 @@ class ChildTuning(TargetedMethod):
             raise ValueError(f"ChildTuning fisher_batches={self.fisher_batches!r} must be a positive integer")
         if self.fisher_clip is not None and not self.fisher_clip > 0:
             raise ValueError(f"ChildTuning fisher_clip={self.fisher_clip!r} must be positive or None")
-        for name in ("targets", "exclude", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.modules_to_save, str):
-            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", (self.layers,) if isinstance(self.layers, int) else tuple(self.layers))
+        self.freeze_targeting_fields()
 
     # ---- the targeted-method protocol
     def resolve(self, model: nn.Module) -> list[str]:

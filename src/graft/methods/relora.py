@@ -127,14 +127,7 @@ class ReLoRA(TargetedMethod):
         ratio = self.prune_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ReLoRA prune_ratio={ratio!r} must be a fraction in [0, 1]")
-        for name in ("targets", "exclude", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.modules_to_save, str):
-            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", (self.layers,) if isinstance(self.layers, int) else tuple(self.layers))
+        self.freeze_targeting_fields()
 
     @property
     def scaling(self) -> float:
