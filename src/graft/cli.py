@@ -20,6 +20,8 @@ EXAMPLES = {
     "plan": "graft plan --model llama-2-7b --memory 24GB --seq-len 2048 --batch 4 --goal instructions\n"
             "  graft plan --model ./my-model-dir --memory 16GiB --json\n"
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
+    "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
+             "--port 8000 --api-key-file keys.txt --adapter-root runs",
 }
 
 
@@ -65,6 +67,23 @@ def _parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(verb("plan", "What fits in your memory, what each method costs, and which one to use "
                                     "(nothing is loaded: the architecture is built on the meta device)."))
+
+    s = verb("serve", "Serve one base model and many adapters over an OpenAI-compatible HTTP API "
+                      "(the request's model field picks the adapter).")
+    s.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve; repeat")
+    s.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="a directory POST /v1/load_lora_adapter may load from; repeat (none: loading over HTTP is refused)")
+    s.add_argument("--max-loaded", type=int, help="most adapters held in memory (least recently used are unloaded)")
+    s.add_argument("--served-name", help="the model name of the base model (default: --model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key-file", help="file with one API key per line (Bearer auth); default: no auth")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    s.add_argument("--max-batch", type=int, default=64, help="most requests decoded together")
+    s.add_argument("--max-prompt-tokens", type=int, default=4096)
+    s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     return p
 
 
@@ -72,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval}[args.verb](args)
+                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
@@ -458,3 +477,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from graft.serve import Limits, read_api_keys, serve
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"--adapter takes NAME=DIR, got {item!r}")
+        if name in adapters:
+            raise CliError(f"--adapter {name} is given twice")
+        adapters[name] = path
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
+    serve(args.model, host=args.host, port=args.port, adapters=adapters, adapter_roots=args.adapter_root,
+          max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
+          served_name=args.served_name)
+    return 0

@@ -33,7 +33,7 @@ class GraftState:
     disabled: bool = False
     routing: list[str | None] | None = None  # one adapter name (or None = base) per batch row
     composition: Composition | None = None  # how the active adapters combine, when not simply summed
-    _route_index: dict[str, torch.Tensor] = field(default_factory=dict)
+    _route_index: dict[str, Any] = field(default_factory=dict)
 
     def route_index(self, device: torch.device) -> torch.Tensor:
         """(batch,) long tensor: position of each row's adapter in ``route_names``, -1 for base."""
@@ -45,8 +45,32 @@ class GraftState:
         return self._route_index[key]
 
     def route_names(self) -> list[str]:
-        """The distinct adapter names of the current routing, in first-seen order."""
-        return list(dict.fromkeys(n for n in self.routing or [] if n is not None))
+        """The distinct adapter names of the current routing, sorted (stable as rows come and go)."""
+        return sorted({n for n in self.routing or [] if n is not None})
+
+    def route_groups(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows grouped by adapter, for one batched matmul per layer over all adapters.
+
+        Args:
+            index: (batch,) adapter position of each row (``-1`` = base), as ``row_index`` gives.
+
+        Returns:
+            ``gather`` (n, g): the rows of adapter j, padded to the largest group g by repeating
+            its first row; ``scatter`` (n, g): the same rows with padding sent to row ``batch``
+            (a spill row the caller drops). Base rows appear in neither.
+        """
+        key = f"groups:{index.device}:{index.numel()}"
+        if key not in self._route_index:
+            rows = index.tolist()
+            groups = [[i for i, j in enumerate(rows) if j == k] for k in range(len(self.route_names()))]
+            width = max((len(g) for g in groups), default=0)
+            gather = [g + [g[0]] * (width - len(g)) if g else [0] * width for g in groups]
+            scatter = [g + [len(rows)] * (width - len(g)) for g in groups]
+            self._route_index[key] = (
+                torch.tensor(gather, dtype=torch.long, device=index.device).view(len(groups), width),
+                torch.tensor(scatter, dtype=torch.long, device=index.device).view(len(groups), width),
+            )
+        return self._route_index[key]
 
 
 def state_of(model: nn.Module, *, create: bool = False) -> GraftState:

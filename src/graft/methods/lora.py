@@ -426,8 +426,12 @@ class LoraLinear(AdapterLayer):
         return out
 
     # ---- per-row routing: one gathered, batched matmul for every adapter in the batch
-    def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A (n+1, r_max, d_in), B (n+1, d_out, r_max), scale (n+1,); entry n is the zero 'base' adapter."""
+    def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s·A)ᵀ stacked (n, d_in, r_max) and Bᵀ stacked (n, r_max, d_out), ranks zero-padded.
+
+        An adapter that does not reach this layer stacks as zeros. Cached while no gradient flows
+        and no factor has changed, so decoding rebuilds them only when the set of adapters changes.
+        """
         params = [p for n in names if n in self.lora_A for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
         key = (tuple(names), tuple((id(p), p._version) for p in params))
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -435,45 +439,42 @@ class LoraLinear(AdapterLayer):
             return self._stack_cache[1]
         ref = next(iter(self.lora_A.values())).weight
         r_max = max([self.lora_A[n].weight.shape[0] for n in names if n in self.lora_A] or [1])
-        a_list, b_list, scales = [], [], []
-        for n in names + [None]:
-            if n is None or n not in self.lora_A:
-                a_list.append(ref.new_zeros(r_max, self.in_features))
-                b_list.append(ref.new_zeros(self.out_features, r_max))
-                scales.append(0.0)
+        a_list, b_list = [], []
+        for n in names:
+            if n not in self.lora_A:
+                a_list.append(ref.new_zeros(self.in_features, r_max))
+                b_list.append(ref.new_zeros(r_max, self.out_features))
                 continue
             a, b = self.lora_A[n].weight, self.lora_B[n].weight
             pad = r_max - a.shape[0]
-            a_list.append(F.pad(a, (0, 0, 0, pad)))
-            b_list.append(F.pad(b, (0, pad)))
-            scales.append(self.scaling[n])
-        stacks = (torch.stack(a_list), torch.stack(b_list), torch.tensor(scales, dtype=ref.dtype, device=ref.device))
+            a_list.append(F.pad(a * self.scaling[n], (0, 0, 0, pad)).t())
+            b_list.append(F.pad(b, (0, pad)).t())
+        stacks = (torch.stack(a_list), torch.stack(b_list))
         if not grad:
             self._stack_cache = (key, stacks)
         return stacks
 
     def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row deltas: rows gathered by adapter, then one bmm pair over all adapters (Punica's SGMV idea).
+
+        Gathering activations (batch x d_in) rather than per-row weights (batch x adapter size)
+        keeps the copy small however many rows share an adapter.
+        """
         names = self._state.route_names()
         if any(self.configs[n].dora for n in names if n in self.configs) or (
             self.training and any(self.configs[n].dropout > 0 for n in names if n in self.configs)
         ):
             return routed_loop(self, x, names)
-        squeeze = x.dim() == 2
-        xb = x.unsqueeze(1) if squeeze else x  # (batch, seq, d_in)
-        a_rows, b_rows = self._row_factors(names, xb.shape[0], x.device)
-        h = torch.bmm(xb.to(a_rows.dtype), a_rows)  # (batch, seq, r_max), scaling folded into A
-        out = torch.bmm(h, b_rows)  # (batch, seq, d_out)
-        return out.squeeze(1) if squeeze else out
-
-    def _row_factors(self, names: list[str], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row (s·A)ᵀ (batch, d_in, r_max) and Bᵀ (batch, r_max, d_out), gathered per call.
-
-        Not cached: a per-row copy costs batch x adapter size (596 MiB for 32 rows on SmolLM2).
-        """
-        a, b, scale = self._stacks(names)
-        idx = self.row_index(batch, device)
-        idx = torch.where(idx < 0, len(names), idx)
-        return (a[idx] * scale[idx].view(-1, 1, 1)).transpose(1, 2), b[idx].transpose(1, 2)
+        if not any(n in self.lora_A for n in names):
+            return x.new_zeros(())
+        a, b = self._stacks(names)
+        gather, scatter = self._state.route_groups(self.row_index(x.shape[0], x.device))
+        n, g = gather.shape
+        rows = x.index_select(0, gather.view(-1)).reshape(n, -1, self.in_features)  # (n, g*seq, d_in)
+        delta = torch.bmm(torch.bmm(rows.to(a.dtype), a), b)  # (n, g*seq, d_out)
+        out = delta.new_zeros((x.shape[0] + 1, *x.shape[1:-1], self.out_features))
+        out.index_add_(0, scatter.view(-1), delta.reshape(n * g, *x.shape[1:-1], self.out_features))
+        return out[:-1]
 
     def _routed_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The delta one adapter adds to rows ``x`` (used by the loop fallback)."""

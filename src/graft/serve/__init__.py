@@ -1,0 +1,96 @@
+"""`graft serve`: one frozen base model, many adapters, an OpenAI-compatible HTTP server.
+
+Example:
+    >>> from graft.serve import build, serve
+    >>> serve("smollm2-135m", adapters={"sql": "runs/sql/adapter"}, port=8000)   # blocks
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from graft.serve.app import Limits, create_app
+from graft.serve.engine import Engine, EngineClosed, Event, Result, Sampling
+from graft.serve.registry import AdapterError, AdapterRegistry
+
+__all__ = [
+    "AdapterError", "AdapterRegistry", "Engine", "EngineClosed", "Event", "Limits", "Result", "Sampling",
+    "build", "create_app", "read_api_keys", "serve",
+]
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def read_api_keys(path: str | os.PathLike[str]) -> list[str]:
+    """One key per line; blank lines and ``#`` comments are skipped. An empty file is an error."""
+    lines = Path(path).read_text().splitlines()
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path} holds no API keys (one per line)")
+    return keys
+
+
+def build(
+    model: str | Any,
+    *,
+    tokenizer: Any = None,
+    adapters: Mapping[str, str | os.PathLike[str]] | None = None,
+    adapter_roots: Sequence[str | os.PathLike[str]] = (),
+    max_loaded: int | None = None,
+    api_keys: Sequence[str] | None = None,
+    limits: Limits | None = None,
+    max_batch: int = 64,
+    dtype: str = "fp32",
+    served_name: str | None = None,
+) -> tuple[Any, Engine]:
+    """The app and its (started) engine, for embedding in your own ASGI server or tests.
+
+    Args:
+        model: A model name or path for :func:`graft.models.load`, or a loaded causal LM.
+        tokenizer: Required when ``model`` is a loaded model.
+        adapters: Name -> adapter directory, loaded at start (trusted: no roots check).
+        adapter_roots: Directories that ``POST /v1/load_lora_adapter`` may load from.
+        max_loaded: Most adapters held in memory; others reload from disk when asked for.
+        api_keys: Bearer keys; none = open server.
+        max_batch: Most requests decoded together.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` when ``model`` is a name.
+        served_name: The ``model`` name of the base (default: the name or path given).
+    """
+    import torch
+
+    from graft import models
+
+    if isinstance(model, (str, os.PathLike)):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        name = served_name or str(model)
+        model, tokenizer = models.load(model, dtype=getattr(torch, DTYPES[dtype]))
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer with a loaded model")
+        name = served_name or getattr(model.config, "_name_or_path", None) or "base"
+    registry = AdapterRegistry(model, name, list(adapter_roots), max_loaded)
+    engine = Engine(model, tokenizer, registry=registry, max_batch=max_batch)
+    for adapter, path in (adapters or {}).items():
+        registry.register(adapter, path, trusted=True)
+        if max_loaded is None or len(registry.loaded()) < max_loaded:
+            registry.acquire(adapter)  # the engine thread is not running yet: attach here
+            registry.release(adapter)
+    engine.start()
+    return create_app(engine, registry, api_keys=list(api_keys or []), limits=limits), engine
+
+
+def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, **kwargs: Any) -> None:
+    """Build the server and run it with uvicorn until interrupted (SIGINT/SIGTERM finish in-flight requests)."""
+    import uvicorn
+
+    app, engine = build(model, **kwargs)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_s, log_level="info")
+    finally:
+        engine.shutdown()

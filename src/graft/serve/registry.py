@@ -1,0 +1,185 @@
+"""Which adapters a server knows, which sit in memory, and where they may be loaded from.
+
+Adapters are known by name (the ``model`` field of a request) and path. At most ``max_loaded``
+are attached to the model at once; a request for a known adapter that is not in memory loads it
+from disk, evicting the least recently used one that no running request holds. Paths given over
+HTTP must resolve (symlinks followed) inside one of the configured roots.
+
+Every method that changes the model runs on the engine thread (see ``Engine.call``); the name
+table itself is guarded by a lock so request handlers can check names without waiting a step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import re
+import threading
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+from torch import nn
+
+from graft import core, io
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+SERVABLE = {"LORA", "IA3"}  # methods whose layers route each batch row to its own adapter
+
+
+class AdapterError(ValueError):
+    """A bad adapter name or path; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_adapter") -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class AdapterRegistry:
+    """Adapter names, paths and the in-memory LRU set.
+
+    Args:
+        model: The served base model.
+        base_name: The name requests use for the base model (not allowed as an adapter name).
+        roots: Directories that ``POST /v1/load_lora_adapter`` may load from.
+        max_loaded: Most adapters attached at once (``None``: no limit).
+    """
+
+    def __init__(self, model: nn.Module, base_name: str, roots: list[str | Path] = (), max_loaded: int | None = None) -> None:
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        self.model = model
+        self.base_name = base_name
+        self.roots = [Path(r).resolve() for r in roots]
+        self.max_loaded = max_loaded
+        self.paths: dict[str, Path] = {}
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._refs: Counter[str] = Counter()
+        self._doomed: set[str] = set()  # unregistered while in use: detach on release
+        self._lock = threading.Lock()
+        self.loads = 0  # adapters read from disk (tests check LRU reloads)
+
+    # ---- the name table (any thread)
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.paths)
+
+    def knows(self, name: str) -> bool:
+        with self._lock:
+            return name in self.paths
+
+    def register(self, name: str, path: str | Path, *, trusted: bool = False) -> Path:
+        """Add a name -> path entry after checking both; ``trusted`` paths (the command line) skip the roots check."""
+        if not isinstance(name, str) or not NAME.match(name):
+            raise AdapterError(f"bad adapter name {name!r}: use 1-128 letters, digits and . _ : / -, starting with a letter or digit")
+        if name == self.base_name:
+            raise AdapterError(f"{name!r} is the base model's name; choose another adapter name")
+        resolved = self._check_path(path, trusted)
+        with self._lock:
+            if name in self.paths:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first", code="adapter_exists")
+            self.paths[name] = resolved
+        return resolved
+
+    def unregister(self, name: str) -> None:
+        """Forget a name; its tensors go now, or when the last request using it finishes."""
+        with self._lock:
+            if name not in self.paths:
+                raise AdapterError(f"no adapter named {name!r}", status=404, code="model_not_found")
+            del self.paths[name]
+            loaded_idle = name in self._loaded and not self._refs[name]
+            if name in self._loaded and not loaded_idle:
+                self._doomed.add(name)
+        if loaded_idle:
+            self._evict(name)
+
+    # ---- attaching and detaching (engine thread)
+    def load_now(self, name: str, path: str | Path, *, trusted: bool = False) -> None:
+        """Register and attach at once, so a bad checkpoint fails its load request, not a later one."""
+        self.register(name, path, trusted=trusted)
+        try:
+            self.acquire(name)
+        except Exception as err:
+            with self._lock:
+                self.paths.pop(name, None)
+            if isinstance(err, AdapterError):
+                raise
+            raise AdapterError(f"cannot load adapter {name!r} onto this model: {err}") from err
+        self.release(name)
+
+    def acquire(self, name: str) -> None:
+        """Make sure ``name`` is attached and hold it for one running request."""
+        with self._lock:
+            if name not in self.paths or name in self._doomed:
+                raise AdapterError(f"no adapter named {name!r}", status=404, code="model_not_found")
+            path = self.paths[name]
+            loaded = name in self._loaded
+        if not loaded:
+            self._make_room()
+            try:
+                io.load(self.model, path, name=name, activate=False)
+            except Exception:
+                if name in getattr(self.model, core.STATE_ATTR, core.GraftState()).methods:
+                    core.detach(self.model, name)  # half attached: take it off again
+                raise
+            self.loads += 1
+        with self._lock:
+            self._loaded[name] = None
+            self._loaded.move_to_end(name)
+            self._refs[name] += 1
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] -= 1
+            doomed = not self._refs[name] and name in self._doomed
+            if doomed:
+                self._doomed.discard(name)
+        if doomed:
+            self._evict(name)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def _make_room(self) -> None:
+        if self.max_loaded is None:
+            return
+        while True:
+            with self._lock:
+                if len(self._loaded) < self.max_loaded:
+                    return
+                idle = [n for n in self._loaded if not self._refs[n]]
+            if not idle:
+                return  # every slot is busy: go over the limit rather than stall a request
+            self._evict(idle[0])
+
+    def _evict(self, name: str) -> None:
+        with self._lock:
+            self._loaded.pop(name, None)
+        core.detach(self.model, name)
+        release_memory()
+
+    def _check_path(self, path: str | Path, trusted: bool) -> Path:
+        resolved = Path(path).expanduser().resolve()
+        if not trusted and not any(resolved == root or root in resolved.parents for root in self.roots):
+            allowed = ", ".join(str(r) for r in self.roots) or "none configured (start the server with --adapter-root)"
+            raise AdapterError(f"adapter path {str(path)!r} is outside the adapter roots; allowed roots: {allowed}", status=403, code="path_not_allowed")
+        config = resolved / "adapter_config.json"
+        if not config.is_file() or not (resolved / "adapter_model.safetensors").is_file():
+            raise AdapterError(f"{str(path)!r} is not an adapter directory (needs adapter_config.json and adapter_model.safetensors)", status=404, code="adapter_not_found")
+        try:
+            peft_type = json.loads(config.read_text()).get("peft_type", "LORA")
+        except (ValueError, OSError) as err:
+            raise AdapterError(f"cannot read {config}: {err}") from err
+        if peft_type not in SERVABLE:
+            raise AdapterError(f"{peft_type} adapters cannot be served batched; servable: {sorted(SERVABLE)}")
+        return resolved
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS follows unloads."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
