@@ -34,6 +34,7 @@ class GraftState:
     routing: list[str | None] | None = None  # one adapter name (or None = base) per batch row
     composition: Composition | None = None  # how the active adapters combine, when not simply summed
     _route_index: dict[str, Any] = field(default_factory=dict)
+    version: int = 0  # bumped whenever an adapter is attached or detached (layers key caches on it)
 
     def route_index(self, device: torch.device) -> torch.Tensor:
         """(batch,) long tensor: position of each row's adapter in ``route_names``, -1 for base."""
@@ -48,7 +49,7 @@ class GraftState:
         """The distinct adapter names of the current routing, sorted (stable as rows come and go)."""
         return sorted({n for n in self.routing or [] if n is not None})
 
-    def route_groups(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route_groups(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows grouped by adapter, for one batched matmul per layer over all adapters.
 
         Args:
@@ -57,7 +58,8 @@ class GraftState:
         Returns:
             ``gather`` (n, g): the rows of adapter j, padded to the largest group g by repeating
             its first row; ``scatter`` (n, g): the same rows with padding sent to row ``batch``
-            (a spill row the caller drops). Base rows appear in neither.
+            (a spill row the caller drops); ``valid`` (m,): the positions in the flattened groups
+            that are real rows, and ``rows`` (m,): those rows. Base rows appear in none.
         """
         key = f"groups:{index.device}:{index.numel()}"
         if key not in self._route_index:
@@ -66,9 +68,13 @@ class GraftState:
             width = max((len(g) for g in groups), default=0)
             gather = [g + [g[0]] * (width - len(g)) if g else [0] * width for g in groups]
             scatter = [g + [len(rows)] * (width - len(g)) for g in groups]
+            flat = [r for g in scatter for r in g]
+            valid = [i for i, r in enumerate(flat) if r < len(rows)]
             self._route_index[key] = (
                 torch.tensor(gather, dtype=torch.long, device=index.device).view(len(groups), width),
                 torch.tensor(scatter, dtype=torch.long, device=index.device).view(len(groups), width),
+                torch.tensor(valid, dtype=torch.long, device=index.device),
+                torch.tensor([flat[i] for i in valid], dtype=torch.long, device=index.device),
             )
         return self._route_index[key]
 
@@ -334,6 +340,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", *, activate:
         _rollback(model, name, state, grads)
         raise
     state.methods[name] = method
+    state.version += 1
     for p in adapter_parameters(model, name).values():
         p.requires_grad_(True)
     for p in method.trainable_base_parameters(model, name).values():
@@ -382,6 +389,7 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     if remove is not None:
         remove(model, name)
     del state.methods[name]
+    state.version += 1
     state.active = [n for n in state.active if n != name]
     if state.composition is not None and name in state.composition.children:
         state.composition = None
@@ -497,10 +505,17 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     merged = [lname for lname, layer in adapter_layers(model) if layer.merged]
     if merged:
         raise RuntimeError("graft.route needs unmerged adapters; call graft.unmerge(model) first")
+    with routing_unchecked(state, names):
+        yield model
+
+
+@contextlib.contextmanager
+def routing_unchecked(state: GraftState, names: list[str | None]) -> Iterator[None]:
+    """``route`` without its checks, for a caller that validated the names and merges once (the server)."""
     previous = state.routing
     state.routing, state._route_index = names, {}
     try:
-        yield model
+        yield
     finally:
         state.routing, state._route_index = previous, {}
 

@@ -411,7 +411,7 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.routed():
-            return out + self._routed_delta(x).to(out.dtype)
+            return self._add_routed(out, x)
         names = self.active_here()
         if names and _lowered_by_autocast(out, self.base_layer):
             # Under autocast the base matmul returns bf16/fp16 although the weights are fp32. Adding the
@@ -430,13 +430,15 @@ class LoraLinear(AdapterLayer):
         """(s·A)ᵀ stacked (n, d_in, r_max) and Bᵀ stacked (n, r_max, d_out), ranks zero-padded.
 
         An adapter that does not reach this layer stacks as zeros. Cached while no gradient flows
-        and no factor has changed, so decoding rebuilds them only when the set of adapters changes.
+        and no factor has changed (same adapters, same tensor versions), so decoding rebuilds them
+        only when the set of adapters in the batch changes.
         """
+        grad = torch.is_grad_enabled()
+        signature = (tuple(names), self._state.version)
+        cache = self._stack_cache
+        if not grad and cache is not None and cache[0] == signature and cache[2] == tuple(p._version for p in cache[1]):
+            return cache[3]
         params = [p for n in names if n in self.lora_A for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
-        key = (tuple(names), tuple((id(p), p._version) for p in params))
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if not grad and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
         ref = next(iter(self.lora_A.values())).weight
         r_max = max([self.lora_A[n].weight.shape[0] for n in names if n in self.lora_A] or [1])
         a_list, b_list = [], []
@@ -451,30 +453,40 @@ class LoraLinear(AdapterLayer):
             b_list.append(F.pad(b, (0, pad)).t())
         stacks = (torch.stack(a_list), torch.stack(b_list))
         if not grad:
-            self._stack_cache = (key, stacks)
+            self._stack_cache = (signature, params, tuple(p._version for p in params), stacks)
         return stacks
 
-    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row deltas: rows gathered by adapter, then one bmm pair over all adapters (Punica's SGMV idea).
+    def _needs_loop(self, names: list[str]) -> bool:
+        """DoRA, and dropout while training, are per-adapter computations the stacked matmul cannot do."""
+        return any(
+            self.configs[n].dora or (self.training and self.configs[n].dropout > 0) for n in names if n in self.configs
+        )
 
-        Gathering activations (batch x d_in) rather than per-row weights (batch x adapter size)
-        keeps the copy small however many rows share an adapter.
+    def _add_routed(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out`` plus each row's own adapter delta.
+
+        Rows are gathered per adapter and multiplied by the stacked factors in one bmm pair (the
+        idea of Punica's SGMV kernel): the copy is of activations (rows x d_in), never of per-row
+        weights (rows x adapter size), however many rows share an adapter.
         """
         names = self._state.route_names()
-        if any(self.configs[n].dora for n in names if n in self.configs) or (
-            self.training and any(self.configs[n].dropout > 0 for n in names if n in self.configs)
-        ):
-            return routed_loop(self, x, names)
         if not any(n in self.lora_A for n in names):
-            return x.new_zeros(())
+            return out
+        if self._needs_loop(names):
+            return out + routed_loop(self, x, names).to(out.dtype)
+        gather, _, valid, rows = self._state.route_groups(self.row_index(x.shape[0], x.device))
+        n = gather.shape[0]
+        if n == 1 and rows.numel() == x.shape[0]:  # one adapter for the whole batch: the plain path
+            return out + self._lora(x, names[0]).to(out.dtype)
         a, b = self._stacks(names)
-        gather, scatter = self._state.route_groups(self.row_index(x.shape[0], x.device))
-        n, g = gather.shape
-        rows = x.index_select(0, gather.view(-1)).reshape(n, -1, self.in_features)  # (n, g*seq, d_in)
-        delta = torch.bmm(torch.bmm(rows.to(a.dtype), a), b)  # (n, g*seq, d_out)
-        out = delta.new_zeros((x.shape[0] + 1, *x.shape[1:-1], self.out_features))
-        out.index_add_(0, scatter.view(-1), delta.reshape(n * g, *x.shape[1:-1], self.out_features))
-        return out[:-1]
+        grouped = x.index_select(0, gather.view(-1)).reshape(n, -1, self.in_features)  # (n, g*seq, d_in)
+        delta = torch.bmm(torch.bmm(grouped.to(a.dtype), a), b)  # (n, g*seq, d_out)
+        delta = delta.reshape(-1, *x.shape[1:-1], self.out_features)  # (n*g, seq, d_out)
+        if valid.numel() != delta.shape[0]:  # drop the padding of unequal groups
+            delta = delta.index_select(0, valid)
+        if torch.is_grad_enabled():
+            return out.index_add(0, rows, delta.to(out.dtype))
+        return out.index_add_(0, rows, delta.to(out.dtype))
 
     def _routed_one(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The delta one adapter adds to rows ``x`` (used by the loop fallback)."""

@@ -86,11 +86,28 @@ def build(
 
 def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, **kwargs: Any) -> None:
     """Build the server and run it with uvicorn until interrupted (SIGINT/SIGTERM finish in-flight requests)."""
+    import signal
+    import threading
+
     import uvicorn
 
     app, engine = build(model, **kwargs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful_s, log_level="info"))
+
+    def stop(signum: int, frame: Any) -> None:
+        # uvicorn takes SIGINT/SIGTERM while it runs (in-flight requests finish), then raises the signal again
+        # for the handler it found: the default ones would kill the process before the engine shuts down (exit
+        # status -15) or raise KeyboardInterrupt. Here that repeat, or a signal before uvicorn took over, stops.
+        server.should_exit = True
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_s, log_level="info")
+        server.run()
     finally:
         engine.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run: the server failed to start (the error is in the log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -241,16 +242,15 @@ def create_app(
         except ValueError as err:
             raise ApiError(400, str(err)) from err
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        mailbox = _Mailbox(asyncio.get_running_loop(), events)
         tickets = []
         try:
             for p, ids in enumerate(prompts):
                 for k in range(body.n):
                     index = p * body.n + k
                     seeded = sampling if body.seed is None else Sampling(sampling.max_tokens, sampling.temperature, sampling.top_p, stop, body.seed + k)
-                    sink = _sink(loop, events, index)
-                    tickets.append(engine.submit(ids, sink, adapter, seeded))
+                    tickets.append(engine.submit(ids, mailbox.sink(index), adapter, seeded, stream=body.stream))
         except EngineClosed as err:
             for t in tickets:
                 t.cancel()
@@ -295,12 +295,33 @@ def create_app(
     return app
 
 
-def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) -> Any:
-    def sink(event: Event) -> None:
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(events.put_nowait, (index, event))
+class _Mailbox:
+    """Events from the engine thread into one asyncio queue, with at most one loop wake-up pending.
 
-    return sink
+    A decoding step emits one event per row; waking the event loop for each would make the HTTP
+    thread compete with the engine for the GIL (and the CPU) dozens of times per step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
+        self.loop, self.events = loop, events
+        self.pending: list[tuple[int, Event]] = []
+        self.lock = threading.Lock()
+
+    def sink(self, index: int) -> Any:
+        def put(event: Event) -> None:
+            with self.lock:
+                self.pending.append((index, event))
+                wake = len(self.pending) == 1
+            if wake and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self._drain)
+
+        return put
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for item in items:
+            self.events.put_nowait(item)
 
 
 def _sse(obj: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from typing_extensions import Self
 
 from graft import core
-from graft.decode.generation import top_p_filter
+from graft.decode.generation import left_pad, top_p_filter
 from graft.serve.kv import BatchKV
 
 log = logging.getLogger("graft.serve")
@@ -99,6 +99,7 @@ class _Row:
     emitted: int = 0  # characters of text already sent
     acquired: bool = False
     cancelled: bool = False
+    stream: bool = True  # False: one event at the end (fewer wake-ups of the caller's thread)
 
     def cancel(self) -> None:
         """Stop decoding this request at the next step (the client went away)."""
@@ -127,7 +128,7 @@ class Engine:
         *,
         registry: Any = None,
         max_batch: int = 64,
-        prefill_tokens: int = 1024,
+        prefill_tokens: int = 2048,
         eos_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.model = model.eval()
@@ -138,10 +139,13 @@ class Engine:
         self.eos = set(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
         self.max_context = _max_context(model.config)
+        self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+        if any(layer.merged for _, layer in core.adapter_layers(model)):
+            raise ValueError("the model has merged adapters; serve unmerged adapters (graft.unmerge) or the merged model alone")
         self._waiting: deque[_Row] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._rows: list[_Row] = []
-        self._kv = BatchKV()
+        self._kv = BatchKV(max_batch)
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -171,15 +175,21 @@ class Engine:
 
     # ---- submitting work (any thread)
     def submit(
-        self, prompt_ids: Sequence[int], sink: Callable[[Event], None], adapter: str | None = None, sampling: Sampling | None = None
+        self,
+        prompt_ids: Sequence[int],
+        sink: Callable[[Event], None],
+        adapter: str | None = None,
+        sampling: Sampling | None = None,
+        stream: bool = True,
     ) -> _Row:
         """Queue a request; ``sink`` receives its events on the engine thread (keep it quick).
 
-        Returns a ticket whose ``cancel()`` drops the request at the next step.
+        With ``stream=False`` the sink gets one event, at the end, holding the whole text. Returns
+        a ticket whose ``cancel()`` drops the request at the next step.
         """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        row = _Row(list(prompt_ids), adapter, sampling or Sampling(), sink)
+        row = _Row(list(prompt_ids), adapter, sampling or Sampling(), sink, stream=stream)
         with self._wake:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
@@ -201,7 +211,7 @@ class Engine:
         """Submit one request and block until it finishes."""
         events: queue.Queue[Event] = queue.Queue()
         began = time.perf_counter()
-        self.submit(prompt_ids, events.put, adapter, sampling)
+        self.submit(prompt_ids, events.put, adapter, sampling, stream=False)
         text, ids = [], []
         while True:
             event = events.get(timeout=timeout)
@@ -239,45 +249,73 @@ class Engine:
                         log.exception("decoding step failed")
                         for row in list(self._rows):
                             self._finish(row, "error", error=f"decoding failed: {err}")
-                        self._rows, self._kv = [], BatchKV()
+                        self._rows, self._kv = [], BatchKV(self.max_batch)
 
     def _admit(self) -> None:
+        """Move waiting requests into the batch, up to ``prefill_tokens`` prompt tokens (at least one)."""
+        group: list[_Row] = []
         budget = self.prefill_tokens
-        while len(self._rows) < self.max_batch:
-            with self._wake:
-                if not self._waiting or (budget < len(self._waiting[0].prompt_ids) and budget != self.prefill_tokens):
-                    return
+        with self._wake:
+            while self._waiting and len(self._rows) + len(group) < self.max_batch:
+                if group and len(self._waiting[0].prompt_ids) > budget:
+                    break
                 row = self._waiting.popleft()
-            if row.cancelled:
-                self._finish(row, "cancelled")
-                continue
-            budget -= len(row.prompt_ids)
+                budget -= len(row.prompt_ids)
+                group.append(row)
+        ready = []
+        for row in group:
             try:
-                self._prefill(row)
+                self._prepare(row)
+                ready.append(row)
             except Exception as err:  # noqa: BLE001 - reported to this request only
-                log.warning("request failed before decoding: %s", err)
+                log.warning("request refused: %s", err)
                 self._finish(row, "error", error=str(err))
+        by_adapter: dict[str | None, list[_Row]] = {}
+        for row in ready:  # one adapter per prefill batch: its LoRA runs as a plain matmul pair
+            by_adapter.setdefault(row.adapter, []).append(row)
+        for chunk in (c for rows in by_adapter.values() for c in _similar_lengths(rows)):
+            try:
+                self._prefill(chunk)
+            except Exception as err:
+                log.exception("prefill failed")
+                for row in chunk:
+                    self._finish(row, "error", error=f"prefill failed: {err}")
 
-    def _prefill(self, row: _Row) -> None:
+    def _prepare(self, row: _Row) -> None:
+        if row.cancelled:
+            raise ValueError("cancelled")
         if len(row.prompt_ids) >= self.max_context:
             raise ValueError(f"the prompt has {len(row.prompt_ids)} tokens; this model takes at most {self.max_context - 1}")
-        if row.adapter is not None and self.registry is not None:
-            self.registry.acquire(row.adapter)
-            row.acquired = True
+        if row.adapter is not None:
+            if self.registry is not None:
+                self.registry.acquire(row.adapter)
+                row.acquired = True
+            elif row.adapter not in core.state_of(self.model).methods:
+                raise ValueError(f"no adapter named {row.adapter!r}")
         if row.sampling.temperature > 0:
             seed = row.sampling.seed if row.sampling.seed is not None else random.getrandbits(63)
             row.generator = torch.Generator().manual_seed(seed)
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Run prompts of similar length as one left-padded batch; their states then join the decoding batch."""
         from transformers import DynamicCache
 
+        ids, mask, positions = left_pad([row.prompt_ids for row in rows], self.pad_id)
         cache = DynamicCache()
-        ids = torch.tensor([row.prompt_ids], device=self.device)
-        with self._routing([row.adapter]):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = self._choose(out.logits[:, -1], [row])[0]
-        if not self._advance(row, token):
-            self._kv.add([(layer.keys, layer.values) for layer in cache.layers])
+        with self._routing([row.adapter for row in rows]):
+            out = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+        width = ids.shape[1]
+        self._kv.reserve(len(rows), width)
+        for i, (row, token) in enumerate(zip(rows, self._choose(out.logits[:, -1], rows))):
+            if self._advance(row, token):
+                continue
+            start = width - len(row.prompt_ids)
+            self._kv.add([(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers])
             self._rows.append(row)
-            self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
     def _step(self) -> None:
         ids = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
@@ -295,11 +333,11 @@ class Engine:
                 self._rows[i] = last
 
     def _routing(self, adapters: list[str | None]) -> contextlib.AbstractContextManager:
-        if getattr(self.model, core.STATE_ATTR, None) is None:
-            if any(a is not None for a in adapters):
-                raise ValueError("the model has no adapters")
+        """Per-row adapters for one forward; names were checked when their requests were admitted."""
+        state = getattr(self.model, core.STATE_ATTR, None)
+        if state is None:
             return contextlib.nullcontext()
-        return core.route(self.model, adapters)
+        return core.routing_unchecked(state, adapters)
 
     @staticmethod
     def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -330,6 +368,8 @@ class Engine:
             text, reason = text[:cut], "stop"
         elif len(row.ids) >= s.max_tokens or len(row.prompt_ids) + len(row.ids) >= self.max_context:
             reason = "length"
+        if reason is None and not row.stream:
+            return False
         if reason is None:
             # Hold back what could still turn into a stop string, or half a multi-byte character.
             hold = max((len(x) - 1 for x in s.stop), default=0)
@@ -342,7 +382,8 @@ class Engine:
             elif not eos:
                 row.sink(Event(token_ids=(token,)))
             return False
-        self._finish(row, reason, text=text[row.emitted :], token_ids=() if eos else (token,))
+        ids = () if eos else (token,)
+        self._finish(row, reason, text=text[row.emitted :], token_ids=ids if row.stream else tuple(row.ids))
         return True
 
     def _finish(self, row: _Row, reason: str, *, text: str = "", token_ids: tuple[int, ...] = (), error: str | None = None) -> None:
@@ -368,3 +409,18 @@ def _max_context(config: Any) -> int:
     if window and getattr(config, "use_sliding_window", True):
         limit = min(limit, window)
     return int(limit)
+
+
+def _similar_lengths(rows: list[_Row], waste: float = 0.25) -> list[list[_Row]]:
+    """Split prompts, shortest first, into batches padded by at most ``waste`` of their real tokens."""
+    chunks: list[list[_Row]] = []
+    total = 0
+    for row in sorted(rows, key=lambda r: len(r.prompt_ids)):
+        n = len(row.prompt_ids)
+        if chunks and (len(chunks[-1]) + 1) * n <= (1 + waste) * (total + n):
+            chunks[-1].append(row)
+            total += n
+        else:
+            chunks.append([row])
+            total = n
+    return chunks

@@ -24,7 +24,8 @@ HEADROOM = 128  # columns allocated beyond the current need, so relayouts stay r
 class BatchKV:
     """Key/value states of the live rows of a decoding batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = 64) -> None:
+        self.max_rows = max_rows  # row capacity grows by doubling up to this
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.starts: list[int] = []  # first valid column of each live row
@@ -62,6 +63,16 @@ class BatchKV:
         self.t += 1
 
     # ---- rows joining and leaving
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` more rows with prompts up to ``length`` tokens in one relayout."""
+        if not self.keys or not self.starts:
+            return
+        end = max(self.t, length)
+        capacity = self.keys[0].shape[0]
+        if end != self.t or self.rows + rows > capacity or end + 1 > self.keys[0].shape[2]:
+            grow = capacity if self.rows + rows <= capacity else min(self.max_rows, 2 * (self.rows + rows))
+            self._relayout(self.t - min(self.starts), grow, columns=end)
+
     def add(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Append a row from its prefill cache: per layer (keys, values) of shape (1, heads, length, dim)."""
         length = layers[0][0].shape[2]
@@ -74,7 +85,7 @@ class BatchKV:
         end = max(self.t, length)
         capacity = self.keys[0].shape[0]
         if end != self.t or self.rows + 1 > capacity or end + 1 > self.keys[0].shape[2]:
-            self._relayout(width, capacity if self.rows < capacity else 2 * (self.rows + 1), columns=end)
+            self._relayout(width, capacity if self.rows < capacity else min(self.max_rows, 2 * (self.rows + 1)), columns=end)
         row, start = self.rows, self.t - length
         for buf_k, buf_v, (k, v) in zip(self.keys, self.values, layers):
             buf_k[row, :, start : self.t] = k[0]

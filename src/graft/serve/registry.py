@@ -23,7 +23,7 @@ from torch import nn
 
 from graft import core, io
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:/-]{0,127}$")  # no ".": module dict keys cannot hold one
 SERVABLE = {"LORA", "IA3"}  # methods whose layers route each batch row to its own adapter
 
 
@@ -71,7 +71,7 @@ class AdapterRegistry:
     def register(self, name: str, path: str | Path, *, trusted: bool = False) -> Path:
         """Add a name -> path entry after checking both; ``trusted`` paths (the command line) skip the roots check."""
         if not isinstance(name, str) or not NAME.match(name):
-            raise AdapterError(f"bad adapter name {name!r}: use 1-128 letters, digits and . _ : / -, starting with a letter or digit")
+            raise AdapterError(f"bad adapter name {name!r}: use 1-128 letters, digits and _ : / -, starting with a letter or digit")
         if name == self.base_name:
             raise AdapterError(f"{name!r} is the base model's name; choose another adapter name")
         resolved = self._check_path(path, trusted)
@@ -136,17 +136,22 @@ class AdapterRegistry:
                 self._doomed.discard(name)
         if doomed:
             self._evict(name)
+        if self.max_loaded is not None:
+            self._shrink(self.max_loaded)  # over the limit while every slot was busy: back under it now
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
 
     def _make_room(self) -> None:
-        if self.max_loaded is None:
-            return
+        if self.max_loaded is not None:
+            self._shrink(self.max_loaded - 1)
+
+    def _shrink(self, limit: int) -> None:
+        """Evict idle adapters, least recently used first, until at most ``limit`` are loaded."""
         while True:
             with self._lock:
-                if len(self._loaded) < self.max_loaded:
+                if len(self._loaded) <= limit:
                     return
                 idle = [n for n in self._loaded if not self._refs[n]]
             if not idle:

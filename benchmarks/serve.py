@@ -1,0 +1,215 @@
+"""graft serve vs peft's mixed-batch generate vs one request at a time: many adapters, one base.
+
+    .venv/bin/python benchmarks/serve.py                   # 64 requests over 8 adapters, 64 new tokens
+    .venv/bin/python benchmarks/serve.py --dtype bf16      # both sides in bf16
+    .venv/bin/python benchmarks/serve.py --requests 16 --sequential 4   # quicker
+
+Model SmolLM2-135M-Instruct on the CPU. Eight LoRA adapters (ranks 8 and 16 alternating, all
+linear layers, B drawn small so answers stay fluent) are saved in the PEFT format; peft loads the
+same files. Requests are the first Alpaca instructions (``../shared/data/alpaca``, or the bundled
+demo questions when that folder is absent) in the chat template, request i on adapter i mod 8,
+greedy, at most ``--max-tokens`` new tokens (a request ends early at EOS, as a server's would).
+
+* **graft serve**: the real HTTP server (uvicorn in this process, loopback), all requests sent
+  at once by an asyncio client; continuous batching, each prompt prefilled unpadded.
+* **(a) peft mixed batch**: ``PeftModel.generate(..., adapter_names=[...])`` on all requests in
+  one left-padded batch, the best case for peft (one call, largest batch); every request's
+  latency is the batch's.
+* **(b) one at a time**: the same server, one request after another (``--sequential`` of them;
+  throughput is tokens per second, so a subset measures it).
+
+Throughput counts generated tokens (EOS excluded) per wall second. The peft and graft outputs
+are compared token by token as a check that both serve the same adapters. Run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_first100.json"
+FALLBACK = ROOT / "src" / "graft" / "assets" / "demo_facts_heldout.jsonl"
+
+
+def instructions(n: int) -> list[str]:
+    if ALPACA.exists():
+        rows = json.loads(ALPACA.read_text())
+        texts = [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in rows]
+    else:
+        texts = [json.loads(line)["question"] for line in FALLBACK.read_text().splitlines() if line.strip()]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def make_adapters(model, root: Path, count: int, seed: int) -> list[str]:
+    import graft
+
+    names = []
+    for i in range(count):
+        name = f"a{i}"
+        graft.attach(model, graft.LoRA(r=8 if i % 2 == 0 else 16, alpha=16, targets="all-linear"), name=name)
+        g = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for key, p in graft.core.adapter_parameters(model, name).items():
+                if "lora_B" in key:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        graft.save(model, root / name, name)
+        graft.detach(model, name)
+        names.append(name)
+    return names
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def run_peft(args, prompts: list[list[int]], adapters: list[str], root: Path, dtype) -> dict:
+    from peft import PeftModel
+
+    from graft import models
+
+    model, tok = models.load("smollm2-135m", dtype=dtype)
+    names = sorted(set(adapters))
+    peft_model = PeftModel.from_pretrained(model, root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(root / name, adapter_name=name)
+    peft_model.eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    began = time.perf_counter()
+    with torch.no_grad():
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_tokens,
+                                  do_sample=False, adapter_names=adapters, pad_token_id=tok.pad_token_id)
+    wall = time.perf_counter() - began
+    outputs = []
+    for row in out[:, width:].tolist():
+        kept = []
+        for t in row:
+            if t in eos:
+                break
+            kept.append(t)
+        outputs.append(kept)
+    return {"wall": wall, "tokens": sum(map(len, outputs)), "latencies": [wall] * len(prompts), "outputs": outputs}
+
+
+def start_server(args, root: Path, names: list[str], dtype_name: str):
+    import uvicorn
+
+    from graft.serve import Limits, build
+
+    app, engine = build("smollm2-135m", adapters={n: root / n for n in names}, dtype=dtype_name,
+                        served_name="smollm2-135m", max_batch=args.max_batch, limits=Limits(max_tokens=4096))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, engine, f"http://127.0.0.1:{port}/v1"
+
+
+async def send_all(url: str, prompts: list[list[int]], adapters: list[str], max_tokens: int, concurrent: bool) -> dict:
+    import httpx
+
+    async def one(client, p, a):
+        began = time.perf_counter()
+        r = await client.post(f"{url}/completions", json={"model": a, "prompt": p, "max_tokens": max_tokens, "temperature": 0})
+        r.raise_for_status()
+        body = r.json()
+        return time.perf_counter() - began, body["usage"]["completion_tokens"], body["choices"][0]["text"]
+
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=256)) as client:
+        began = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one(client, p, a) for p, a in zip(prompts, adapters)))
+        else:
+            results = [await one(client, p, a) for p, a in zip(prompts, adapters)]
+        wall = time.perf_counter() - began
+    return {"wall": wall, "tokens": sum(r[1] for r in results), "latencies": [r[0] for r in results], "texts": [r[2] for r in results]}
+
+
+def row(name: str, r: dict) -> str:
+    lat = r["latencies"]
+    return (f"| {name} | {len(lat)} | {r['tokens']} | {r['wall']:.1f} | {r['tokens'] / r['wall']:.1f} | "
+            f"{statistics.median(lat):.2f} | {percentile(lat, 0.95):.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--sequential", type=int, default=16, help="requests sent one at a time for (b)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    from graft import models
+
+    model, tok = models.load("smollm2-135m", dtype=dtype)
+    texts = instructions(args.requests)
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for t in texts]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = make_adapters(model, root, args.adapters, args.seed)
+        del model
+        adapters = [names[i % len(names)] for i in range(args.requests)]
+        lengths = [len(q) for q in prompts]
+        print(f"{args.requests} requests over {len(names)} adapters, prompt tokens mean {statistics.mean(lengths):.0f} "
+              f"max {max(lengths)}, max_tokens {args.max_tokens}, {args.dtype}, torch threads {torch.get_num_threads()}")
+
+        server, thread, engine, url = start_server(args, root, names, args.dtype)
+        asyncio.run(send_all(url, prompts[:2], adapters[:2], 4, True))  # warm-up
+        graft_run = asyncio.run(send_all(url, prompts, adapters, args.max_tokens, True))
+        print(f"graft serve: {graft_run['wall']:.1f} s, batch up to {engine.max_rows_seen} rows", flush=True)
+        k = min(args.sequential, args.requests)
+        seq_run = asyncio.run(send_all(url, prompts[:k], adapters[:k], args.max_tokens, False))
+        print(f"one at a time ({k}): {seq_run['wall']:.1f} s", flush=True)
+        server.should_exit = True
+        thread.join()
+        engine.shutdown()
+        del engine, server
+
+        peft_run = run_peft(args, prompts, adapters, root, dtype)
+        print(f"peft mixed batch: {peft_run['wall']:.1f} s", flush=True)
+        graft_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in graft_run["texts"]]
+        peft_texts = [tok.decode(o, skip_special_tokens=True) for o in peft_run["outputs"]]
+        same = sum(a == b for a, b in zip(graft_run["texts"], peft_texts))
+        del graft_ids
+
+    tps = {k_: r["tokens"] / r["wall"] for k_, r in (("graft", graft_run), ("peft", peft_run), ("seq", seq_run))}
+    print()
+    print("| run | requests | generated tokens | wall s | tokens/s | latency p50 s | latency p95 s |")
+    print("|---|---|---|---|---|---|---|")
+    print(row("graft serve (continuous batching, HTTP)", graft_run))
+    print(row("(a) peft mixed-batch generate, one batch", peft_run))
+    print(row("(b) graft serve, one request at a time", seq_run))
+    print()
+    print(f"throughput graft / (a) peft mixed batch: {tps['graft'] / tps['peft']:.2f}x (target >= 2x)")
+    print(f"throughput graft / (b) one at a time:   {tps['graft'] / tps['seq']:.2f}x (target >= 4x)")
+    print(f"identical texts graft vs peft: {same}/{args.requests}")
+
+
+if __name__ == "__main__":
+    main()
