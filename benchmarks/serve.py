@@ -70,7 +70,7 @@ def make_adapters(model, root: Path, count: int, seed: int) -> list[str]:
 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def run_peft(args, prompts: list[list[int]], adapters: list[str], root: Path, dtype) -> dict:
@@ -94,13 +94,14 @@ def run_peft(args, prompts: list[list[int]], adapters: list[str], root: Path, dt
     began = time.perf_counter()
     with torch.no_grad():
         out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_tokens,
-                                  do_sample=False, adapter_names=adapters, pad_token_id=tok.pad_token_id)
+                                  do_sample=False, adapter_names=adapters, pad_token_id=tok.pad_token_id,
+                                  **({"min_new_tokens": args.max_tokens} if args.ignore_eos else {}))
     wall = time.perf_counter() - began
     outputs = []
     for row in out[:, width:].tolist():
         kept = []
         for t in row:
-            if t in eos:
+            if t in eos and not args.ignore_eos:
                 break
             kept.append(t)
         outputs.append(kept)
@@ -126,12 +127,14 @@ def start_server(args, root: Path, names: list[str], dtype_name: str):
     return server, thread, engine, f"http://127.0.0.1:{port}/v1"
 
 
-async def send_all(url: str, prompts: list[list[int]], adapters: list[str], max_tokens: int, concurrent: bool) -> dict:
+async def send_all(url: str, prompts: list[list[int]], adapters: list[str], max_tokens: int, concurrent: bool,
+                   ignore_eos: bool = False) -> dict:
     import httpx
 
     async def one(client, p, a):
         began = time.perf_counter()
-        r = await client.post(f"{url}/completions", json={"model": a, "prompt": p, "max_tokens": max_tokens, "temperature": 0})
+        r = await client.post(f"{url}/completions", json={"model": a, "prompt": p, "max_tokens": max_tokens, "temperature": 0,
+                                                           "ignore_eos": ignore_eos})
         r.raise_for_status()
         body = r.json()
         return time.perf_counter() - began, body["usage"]["completion_tokens"], body["choices"][0]["text"]
@@ -161,6 +164,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="every request decodes exactly --max-tokens tokens")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -181,10 +185,10 @@ def main() -> None:
 
         server, thread, engine, url = start_server(args, root, names, args.dtype)
         asyncio.run(send_all(url, prompts[:2], adapters[:2], 4, True))  # warm-up
-        graft_run = asyncio.run(send_all(url, prompts, adapters, args.max_tokens, True))
+        graft_run = asyncio.run(send_all(url, prompts, adapters, args.max_tokens, True, args.ignore_eos))
         print(f"graft serve: {graft_run['wall']:.1f} s, batch up to {engine.max_rows_seen} rows", flush=True)
         k = min(args.sequential, args.requests)
-        seq_run = asyncio.run(send_all(url, prompts[:k], adapters[:k], args.max_tokens, False))
+        seq_run = asyncio.run(send_all(url, prompts[:k], adapters[:k], args.max_tokens, False, args.ignore_eos))
         print(f"one at a time ({k}): {seq_run['wall']:.1f} s", flush=True)
         server.should_exit = True
         thread.join()

@@ -26,7 +26,7 @@ import graft.train
 from graft.cli import EXAMPLES, main
 from graft.io import WEIGHTS_NAME
 
-VERBS = ["train", "generate", "merge", "inspect", "eval", "plan"]
+VERBS = ["train", "generate", "merge", "inspect", "eval", "plan", "serve"]
 ROWS = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(6)]
 
 

@@ -8,6 +8,7 @@ Every error leaves as OpenAI's shape, ``{"error": {"message", "type", "param", "
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import threading
@@ -64,6 +65,7 @@ class _Common(BaseModel):
     seed: int | None = None
     logprobs: Any = None
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever the model says
 
 
 class CompletionBody(_Common):
@@ -238,7 +240,7 @@ def create_app(
                 raise ApiError(400, f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the context ({engine.max_context})", param="max_tokens", code="context_length_exceeded")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         try:
-            sampling = Sampling(min(max_tokens, limits.max_tokens), body.temperature, body.top_p, stop, body.seed)
+            sampling = Sampling(min(max_tokens, limits.max_tokens), body.temperature, body.top_p, stop, body.seed, body.ignore_eos)
         except ValueError as err:
             raise ApiError(400, str(err)) from err
 
@@ -249,7 +251,7 @@ def create_app(
             for p, ids in enumerate(prompts):
                 for k in range(body.n):
                     index = p * body.n + k
-                    seeded = sampling if body.seed is None else Sampling(sampling.max_tokens, sampling.temperature, sampling.top_p, stop, body.seed + k)
+                    seeded = sampling if body.seed is None else dataclasses.replace(sampling, seed=body.seed + k)
                     tickets.append(engine.submit(ids, mailbox.sink(index), adapter, seeded, stream=body.stream))
         except EngineClosed as err:
             for t in tickets:

@@ -101,8 +101,9 @@ class BatchKV:
                 buf[row, :, lo : self.t] = buf[last, :, lo : self.t]
             self.starts[row] = self.starts[last]
         self.starts.pop()
-        if not self.starts:
+        if not self.starts:  # an idle server gives back buffers sized for its largest batch and context
             self.t = 0
+            self.keys, self.values = [], []
 
     def _relayout(self, width: int, rows: int, columns: int | None = None) -> None:
         """Copy the used region (the last ``width`` columns) into tensors of ``rows`` x enough columns.
