@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/learning.py            # both tasks
     .venv/bin/python benchmarks/learning.py --task sst2
+    .venv/bin/python benchmarks/learning.py --task gsm8k --save runs/cot-adapter   # keep the CoT adapter
 
 gsm8k: LoRA SFT of SmolLM2-135M-Instruct on GSM8K problems in the CoT format (question / worked
        rationale / answer), held-out loss before and after on problems not trained on.
@@ -27,7 +28,7 @@ from graft.train import TrainConfig, evaluate, train
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def gsm8k(n_train: int, n_eval: int, seed: int) -> dict:
+def gsm8k(n_train: int, n_eval: int, seed: int, save: str | None = None) -> dict:
     rows = [json.loads(line) for line in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
     random.Random(seed).shuffle(rows)
     model, tok = models.load("smollm2-135m")
@@ -40,6 +41,8 @@ def gsm8k(n_train: int, n_eval: int, seed: int) -> dict:
     t0 = time.time()
     result = train(model, train_ex, collate, cfg)
     after = evaluate(model, eval_ex, collate, cfg)["eval_loss"]
+    if save:
+        graft.save(model, save)  # benchmarks/eval.py --cot-adapter evaluates it beside the prompting strategies
     return {"task": "gsm8k-cot", "train": n_train, "heldout": n_eval, "eval_loss_before": before,
             "eval_loss_after": after, "relative_drop": (before - after) / before, "steps": result.steps,
             "seconds": time.time() - t0}
@@ -71,13 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["gsm8k", "sst2", "both"], default="both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", help="write the GSM8K CoT adapter here (for benchmarks/eval.py --cot-adapter)")
     args = ap.parse_args()
     if not SHARED.exists():
         print(f"skipped: {SHARED} not found")
         return
     torch.set_num_threads(2)
     if args.task in ("gsm8k", "both"):
-        r = gsm8k(240, 60, args.seed)
+        r = gsm8k(240, 60, args.seed, args.save)
         print(json.dumps(r))
         print(f"GSM8K CoT LoRA SFT: held-out loss {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} "
               f"({100 * r['relative_drop']:.1f}% lower), {r['steps']} steps, {r['seconds']:.0f}s")

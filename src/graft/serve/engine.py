@@ -361,12 +361,15 @@ class Engine:
         eos = token in self.eos and not s.ignore_eos
         if not eos:
             row.ids.append(token)
+        out_of_room = len(row.ids) >= s.max_tokens or len(row.prompt_ids) + len(row.ids) >= self.max_context
+        if not (row.stream or s.stop or eos or out_of_room):
+            return False  # nothing to send and no stop string to look for: skip detokenizing
         text = self.tokenizer.decode([t for t in row.ids if t not in self.eos], skip_special_tokens=True)
         reason = "stop" if eos else None
         cut = min((i for i in (text.find(x, max(0, row.emitted - len(x))) for x in s.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        elif len(row.ids) >= s.max_tokens or len(row.prompt_ids) + len(row.ids) >= self.max_context:
+        elif out_of_room:
             reason = "length"
         if reason is None and not row.stream:
             return False
