@@ -124,6 +124,24 @@ def test_proxy_with_lora_expert_reproduces_the_lora_model(tok):
     assert graft.active_adapters(model) == ["default"]  # members restore the adapter state
 
 
+@pytest.mark.slow
+def test_proxy_with_lora_expert_on_smollm2_reproduces_the_lora_model():
+    """Acceptance: on SmolLM2 with alpha=1, base + (expert - anti-expert) with the anti-expert = the base
+    decodes exactly what the LoRA model decodes (the base terms cancel)."""
+    model, tok = graft.models.load("smollm2-135m")
+    prompts = ["What is the capital of France?", "Write one sentence about the sea."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+               for p in prompts]
+    base_tokens = [hf_greedy(model, tok, [p], 16)[0] for p in prompts]
+    graft.attach(model, graft.LoRA(r=8, alpha=16, targets="all-linear"))
+    perturb_adapters(model, std=0.02)
+    lora_tokens = [hf_greedy(model, tok, [p], 16)[0] for p in prompts]
+    assert lora_tokens != base_tokens  # the adapter changes the answers, so equality below means something
+    tuner = ProxyTuner(adapter_off(model), adapter_on(model, "default"), adapter_off(model), alpha=1.0)
+    out = generate(tuner, tok, prompts, max_new_tokens=16, batch_size=1)
+    assert [g.token_ids[0] for g in out] == lora_tokens
+
+
 def test_proxy_refuses_different_vocabularies(model, tok):
     small = tiny(tok, vocab=96)
     with pytest.raises(ValueError, match="one vocabulary.*49152 \\(base\\), 96 \\(expert\\)"):
