@@ -67,8 +67,9 @@ def run_gsm8k(model, tok, args, results: list[dict], extra: dict) -> None:
     report(zero_result, results, args)
     if args.one_by_one > 0:
         extra["throughput"] = run_throughput(model, tok, args, zero_result)
-    cot = decode.EvalConfig(strategy="cot", shots=4, batch_size=args.batch_size, **common)
-    report(decode.evaluate(model, tok, held_out[: args.n_gen], cot, pool=pool, meta=meta), results, args)
+    if "cot" not in args.skip.split(","):
+        cot = decode.EvalConfig(strategy="cot", shots=4, batch_size=args.batch_size, **common)
+        report(decode.evaluate(model, tok, held_out[: args.n_gen], cot, pool=pool, meta=meta), results, args)
     if args.n_sc > 0:
         sc = decode.EvalConfig(strategy="self-consistency", shots=4, samples=args.sc_k,
                                batch_size=args.sc_batch_size, **common)
@@ -147,7 +148,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine, 2 threads spin and run 10x slower)")
     ap.add_argument("--cot-adapter", help="a GSM8K CoT LoRA adapter directory to evaluate too")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: gsm8k, sst2")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: gsm8k, sst2, cot (few-shot CoT)")
     ap.add_argument("--out", default="runs/bench-eval")
     args = ap.parse_args()
     if not SHARED.exists():
