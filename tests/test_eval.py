@@ -486,3 +486,23 @@ def test_cli_eval_errors(model_dir, files, tmp_path, capsys, args, message):
     last = err.strip().splitlines()[-1]  # after any progress bar of the model load
     assert last.startswith("graft eval: error:") and message in last, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_head_gives_the_head_a_contiguous_input_and_the_same_logits(tok, dtype):
+    """``logits_to_keep`` hands the head a strided slice (a bf16 CPU linear then copies the whole head
+    per row); under ``contiguous_head`` the head sees a contiguous tensor and the logits do not change."""
+    from graft.decode.generation import contiguous_head
+
+    model = tiny(tok).to(dtype)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(5, 1000, (3, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids, logits_to_keep=1).logits
+        with contiguous_head(model):
+            fixed = model(input_ids=ids, logits_to_keep=1).logits
+        after = model(input_ids=ids, logits_to_keep=1).logits
+    assert seen == [False, True, False]  # the hook is gone once the block ends
+    torch.testing.assert_close(fixed, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, plain)

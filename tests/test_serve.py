@@ -394,6 +394,33 @@ def test_batched_tokens_equal_single_adapter_reference(stack, references):
     assert len(set(outputs.values())) == len(NAMES)
 
 
+def test_bf16_base_serves_adapters_in_bf16(stack, tok):
+    """``adapter_dtype="auto"`` casts adapters to a bf16 base's dtype (so LoRA runs in bf16, no casts), and
+    what it serves equals transformers' generate on a bf16 base carrying that adapter cast the same way;
+    ``fp32`` keeps them as loaded."""
+    base = fresh_base(stack.cfg, stack.state).to(torch.bfloat16)
+    app, engine = build(base, tokenizer=tok, adapters={"all8": stack.root / "all8"}, served_name=BASE)
+    kept_app, kept = build(fresh_base(stack.cfg, stack.state).to(torch.bfloat16), tokenizer=tok,
+                           adapters={"all8": stack.root / "all8"}, served_name=BASE, adapter_dtype="fp32")
+    try:
+        served = graft.core.adapter_parameters(base, "all8")
+        assert served and {p.dtype for p in served.values()} == {torch.bfloat16}
+        assert {p.dtype for p in graft.core.adapter_parameters(kept.model, "all8").values()} == {torch.float32}
+        ref = fresh_base(stack.cfg, stack.state).to(torch.bfloat16)
+        graft.load(ref, stack.root / "all8", name="all8")
+        with torch.no_grad():
+            for p in graft.core.adapter_parameters(ref, "all8").values():
+                p.data = p.data.to(torch.bfloat16)
+        for _, ids, max_tokens in jobs(tok, count=4, seed=11):
+            got = engine.generate(ids, "all8", Sampling(max_tokens, 0.0), timeout=60).token_ids
+            assert got == reference_ids(ref, ids, max_tokens, tok.eos_token_id)
+    finally:
+        engine.shutdown(timeout=30)
+        kept.shutdown(timeout=30)
+    with pytest.raises(ValueError, match="adapter_dtype must be 'auto' or one of"):
+        build(base, tokenizer=tok, adapter_dtype="int8")
+
+
 def test_idle_engine_gives_back_its_cache(stack, tok):
     """Once a burst has drained, the batch's key/value buffers (sized for the burst) are freed."""
     work = jobs(tok, count=24, seed=9)

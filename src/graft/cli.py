@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-file", help="file with one API key per line (Bearer auth); default: no auth")
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    s.add_argument("--adapter-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="dtype adapters are served in (auto: the base model's)")
     s.add_argument("--max-batch", type=int, default=64, help="most requests decoded together")
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
@@ -494,5 +496,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
     serve(args.model, host=args.host, port=args.port, adapters=adapters, adapter_roots=args.adapter_root,
           max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
-          served_name=args.served_name)
+          served_name=args.served_name, adapter_dtype=args.adapter_dtype)
     return 0

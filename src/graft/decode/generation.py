@@ -32,7 +32,7 @@ from torch import nn
 
 from graft import core
 
-__all__ = ["Generation", "LogitSource", "Member", "adapter_off", "adapter_on", "as_source", "generate", "select_rows"]
+__all__ = ["Generation", "LogitSource", "Member", "adapter_off", "adapter_on", "as_source", "contiguous_head", "generate", "select_rows"]
 
 
 class LogitSource(Protocol):
@@ -104,12 +104,33 @@ class Member:
         keep: int = 1,
         cache: bool = True,
     ) -> tuple[torch.Tensor, Any]:
-        with torch.no_grad(), self.applied():
+        with torch.no_grad(), self.applied(), contiguous_head(self.model):
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past, use_cache=cache, logits_to_keep=keep,
             )
         return out.logits[:, -keep:].float(), (out.past_key_values if cache else None)
+
+
+@contextlib.contextmanager
+def contiguous_head(model: nn.Module) -> Iterator[None]:
+    """Hand the output head a contiguous input while a forward with ``logits_to_keep`` runs.
+
+    transformers slices the last positions of the hidden states (``hidden[:, -k:, :]``, a strided
+    view) before the head. For a bf16 ``Linear`` on the CPU, PyTorch turns that 3-D strided input into
+    a ``bmm`` against the (vocab x hidden) weight expanded per row, copying the whole head once per
+    prompt: on SmolLM2 a prefill of 3 prompts spent 260 ms of 510 ms in that copy. A contiguous input
+    takes the plain ``mm`` path; the logits are the same.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        yield
+        return
+    hook = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def adapter_on(model: nn.Module, name: str | Sequence[str] = "default") -> Member:

@@ -46,6 +46,7 @@ def build(
     max_batch: int = 64,
     dtype: str = "fp32",
     served_name: str | None = None,
+    adapter_dtype: str = "auto",
 ) -> tuple[Any, Engine]:
     """The app and its (started) engine, for embedding in your own ASGI server or tests.
 
@@ -59,11 +60,15 @@ def build(
         max_batch: Most requests decoded together.
         dtype: ``fp32``, ``bf16`` or ``fp16`` when ``model`` is a name.
         served_name: The ``model`` name of the base (default: the name or path given).
+        adapter_dtype: The dtype adapters are served in: ``auto`` (the base model's floating
+            dtype: bf16 adapters on a bf16 base), or ``fp32``, ``bf16``, ``fp16``.
     """
     import torch
 
     from graft import models
 
+    if adapter_dtype != "auto" and adapter_dtype not in DTYPES:
+        raise ValueError(f"adapter_dtype must be 'auto' or one of {sorted(DTYPES)}, got {adapter_dtype!r}")
     if isinstance(model, (str, os.PathLike)):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -73,7 +78,7 @@ def build(
         if tokenizer is None:
             raise ValueError("pass the tokenizer with a loaded model")
         name = served_name or getattr(model.config, "_name_or_path", None) or "base"
-    registry = AdapterRegistry(model, name, list(adapter_roots), max_loaded)
+    registry = AdapterRegistry(model, name, list(adapter_roots), max_loaded, _adapter_dtype(model, adapter_dtype))
     engine = Engine(model, tokenizer, registry=registry, max_batch=max_batch)
     for adapter, path in (adapters or {}).items():
         registry.register(adapter, path, trusted=True)
@@ -82,6 +87,18 @@ def build(
             registry.release(adapter)
     engine.start()
     return create_app(engine, registry, api_keys=list(api_keys or []), limits=limits), engine
+
+
+def _adapter_dtype(model: Any, choice: str) -> Any:
+    import torch
+
+    if choice != "auto":
+        return getattr(torch, DTYPES[choice])
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype  # the dtype the activations flow in (a 4-bit base keeps fp32 or bf16 embeddings)
+    return None
 
 
 def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, **kwargs: Any) -> None:

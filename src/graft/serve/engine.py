@@ -30,7 +30,7 @@ from torch import nn
 from typing_extensions import Self
 
 from graft import core
-from graft.decode.generation import left_pad, top_p_filter
+from graft.decode.generation import contiguous_head, left_pad, top_p_filter
 from graft.serve.kv import BatchKV
 
 log = logging.getLogger("graft.serve")
@@ -151,6 +151,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (for tests and metrics)
         self.max_rows_seen = 0
+        # Where the engine thread's time goes (seconds), for benchmarks and /metrics-style reports.
+        self.timing = {"prefill_s": 0.0, "prefill_tokens": 0, "prefill_batches": 0, "decode_s": 0.0, "decode_rows": 0}
 
     # ---- lifecycle
     def start(self) -> Engine:
@@ -300,9 +302,10 @@ class Engine:
         """Run prompts of similar length as one left-padded batch; their states then join the decoding batch."""
         from transformers import DynamicCache
 
+        began = time.perf_counter()
         ids, mask, positions = left_pad([row.prompt_ids for row in rows], self.pad_id)
         cache = DynamicCache()
-        with self._routing([row.adapter for row in rows]):
+        with self._routing([row.adapter for row in rows]), contiguous_head(self.model):
             out = self.model(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
@@ -316,8 +319,13 @@ class Engine:
             self._kv.add([(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:]) for layer in cache.layers])
             self._rows.append(row)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        self.timing["prefill_s"] += time.perf_counter() - began
+        self.timing["prefill_tokens"] += ids.numel()
+        self.timing["prefill_batches"] += 1
 
     def _step(self) -> None:
+        began = time.perf_counter()
+        self.timing["decode_rows"] += len(self._rows)
         ids = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
         mask, positions = self._kv.step_inputs(self.device)
         with self._routing([row.adapter for row in self._rows]):
@@ -331,6 +339,7 @@ class Engine:
             last = self._rows.pop()
             if i < len(self._rows):
                 self._rows[i] = last
+        self.timing["decode_s"] += time.perf_counter() - began
 
     def _routing(self, adapters: list[str | None]) -> contextlib.AbstractContextManager:
         """Per-row adapters for one forward; names were checked when their requests were admitted."""
