@@ -399,8 +399,8 @@ def test_bf16_base_serves_adapters_in_bf16(stack, tok):
     what it serves equals transformers' generate on a bf16 base carrying that adapter cast the same way;
     ``fp32`` keeps them as loaded."""
     base = fresh_base(stack.cfg, stack.state).to(torch.bfloat16)
-    app, engine = build(base, tokenizer=tok, adapters={"all8": stack.root / "all8"}, served_name=BASE)
-    kept_app, kept = build(fresh_base(stack.cfg, stack.state).to(torch.bfloat16), tokenizer=tok,
+    _, engine = build(base, tokenizer=tok, adapters={"all8": stack.root / "all8"}, served_name=BASE)
+    _, kept = build(fresh_base(stack.cfg, stack.state).to(torch.bfloat16), tokenizer=tok,
                            adapters={"all8": stack.root / "all8"}, served_name=BASE, adapter_dtype="fp32")
     try:
         served = graft.core.adapter_parameters(base, "all8")

@@ -17,7 +17,6 @@ graft's resume file keeps E and the MLP.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +24,14 @@ import torch
 from torch import nn
 
 from graft.core import register
-from graft.methods.prompt import ModelDims, PromptLearning, VirtualTokens, backbone_of, check_size
+from graft.methods.prompt import (
+    ModelDims,
+    PromptLearning,
+    VirtualTokens,
+    backbone_of,
+    cache_argument,
+    check_size,
+)
 
 
 class PrefixEncoder(VirtualTokens):
@@ -88,9 +94,9 @@ class PrefixTuning(PromptLearning):
 
     def check_model(self, model: nn.Module) -> nn.Module:
         backbone = backbone_of(model, "PrefixTuning")
-        if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+        if cache_argument(backbone) is None:
             raise ValueError(
-                f"PrefixTuning needs a model whose attention takes a KV cache (past_key_values), and "
+                f"PrefixTuning needs a model whose attention takes a KV cache (cache or past_key_values), and "
                 f"{type(backbone).__name__}.forward has none; use PromptTuning or PTuning for this model"
             )
         return backbone

@@ -212,6 +212,7 @@ class InputAdapters(nn.Module):
         object.__setattr__(self, "_backbone", backbone)
         params = inspect.signature(backbone.forward).parameters.values()
         self._arg_names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        self._cache_key = cache_argument(backbone) or "past_key_values"
         self._strip = 0  # virtual input positions the running forward prepended (removed by _after)
         self._handles = (
             backbone.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -249,7 +250,9 @@ class InputAdapters(nn.Module):
         prefixes = [a for a in active if a.kind == "kv"]
         n_tokens = sum(a.num_virtual_tokens for a in tokens)
         n_prefix = sum(a.num_virtual_tokens for a in prefixes)
-        cache = kwargs.get("past_key_values")
+        # transformers >= 5.25 names the backbone's KV cache ``cache`` (``past_key_values`` before)
+        given = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), self._cache_key)
+        cache = kwargs.get(given)
         if cache is not None and not hasattr(cache, "get_seq_length"):
             raise TypeError(f"prompt/prefix adapters need past_key_values as a transformers Cache, got {type(cache)}")
         first = cache is None or cache.get_seq_length() == 0  # else: a later generation step
@@ -262,7 +265,8 @@ class InputAdapters(nn.Module):
                     "prefix tuning cannot train under gradient checkpointing: transformers drops past_key_values "
                     "inside checkpointed layers, which would silently drop the prefix; turn checkpointing off"
                 )
-            kwargs["past_key_values"] = self._prefix_cache(prefixes, cache, batch, module)
+            kwargs.pop(given, None)
+            kwargs[self._cache_key] = self._prefix_cache(prefixes, cache, batch, module)
         if first and tokens:
             if embeds is None:
                 embeds = module.get_input_embeddings()(ids)  # (batch, L, d)
@@ -284,7 +288,7 @@ class InputAdapters(nn.Module):
             # peft: prompt tokens drop them (the model counts from the cache length); a prefix shifts them by n
             kwargs["position_ids"] = None if tokens else positions + n_prefix
         if kwargs.get("cache_position") is not None:  # models that still take it (remote code)
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get(self._cache_key, kwargs.get(given))
             past = cache.get_seq_length() if cache is not None else 0
             length = (kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]).shape[1]
             kwargs["cache_position"] = torch.arange(past, past + length, device=kwargs["cache_position"].device)
@@ -316,6 +320,12 @@ class InputAdapters(nn.Module):
         if getattr(output, "hidden_states", None) is not None:
             output.hidden_states = tuple(h[:, n:] for h in output.hidden_states)
         return output
+
+
+def cache_argument(backbone: nn.Module) -> str | None:
+    """The name of the backbone's KV-cache argument: ``cache`` (transformers >= 5.25) or ``past_key_values``."""
+    params = inspect.signature(backbone.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def _drops_cache_when_checkpointing(backbone: nn.Module) -> bool:
