@@ -19,8 +19,7 @@ greedy, at most ``--max-tokens`` new tokens (a request ends early at EOS, as a s
 * **(b) one at a time**: the same server, one request after another (``--sequential`` of them;
   throughput is tokens per second, so a subset measures it).
 
-graft and peft alternate for ``--rounds`` rounds in this one process and the median of the
-paired ratios is reported (this machine's speed drifts by 15% or more from minute to minute), with
+graft and peft alternate for ``--rounds`` rounds and the median of the paired ratios is reported (this machine's speed drifts by 15% or more from minute to minute), with
 every round's figures; the table shows the median round. Throughput counts generated tokens (EOS
 excluded) per wall second. The peft and graft outputs
 are compared token by token as a check that both serve the same adapters. Run on an idle machine.
@@ -193,15 +192,17 @@ def main() -> None:
 
     from graft import models
 
-    model, tok = models.load("smollm2-135m", dtype=dtype)
-    texts = instructions(args.requests)
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for t in texts]
+    def chat_prompts(tok) -> list[list[int]]:
+        return [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]) for t in instructions(args.requests)]
+
     if args.peft_child is not None:
-        del model
         adapters = [f"a{i % args.adapters}" for i in range(args.requests)]
         peft_model, tok = load_peft(args.peft_child, adapters, dtype)
-        print(json.dumps(run_peft(args, peft_model, tok, prompts, adapters)))
+        print(json.dumps(run_peft(args, peft_model, tok, chat_prompts(tok), adapters)))
         return
+    model, tok = models.load("smollm2-135m", dtype=dtype)
+    prompts = chat_prompts(tok)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = make_adapters(model, root, args.adapters, args.seed)
@@ -213,8 +214,8 @@ def main() -> None:
 
         server, thread, engine, url = start_server(args, root, names, args.dtype)
         asyncio.run(send_all(url, prompts[:2], adapters[:2], 4, True))  # warm-up
-        # graft and peft alternate, round after round, in this one process: a machine whose speed
-        # drifts (shared cores, a noisy VM) then moves both sides of each paired ratio alike.
+        # graft and peft alternate, round after round: a machine whose speed drifts (shared cores,
+        # a noisy VM) then moves both sides of each paired ratio alike.
         rounds = []
         for i in range(args.rounds):
             engine.timing = dict.fromkeys(engine.timing, 0)
@@ -222,7 +223,7 @@ def main() -> None:
             graft_run = asyncio.run(send_all(url, prompts, adapters, args.max_tokens, True, args.ignore_eos))
             t = engine.timing
             print(f"round {i + 1} graft serve: {graft_run['wall']:.1f} s, batch up to {engine.max_rows_seen} rows; engine: "
-                  f"prefill {t['prefill_s']:.1f} s ({t['prefill_tokens']} positions in {t['prefill_batches']} batches), "
+                  f"prefill {t['prefill_s']:.1f} s ({t['prefill_positions']} positions in {t['prefill_batches']} batches), "
                   f"decode {t['decode_s']:.1f} s ({engine.steps - steps0} steps, {t['decode_rows']} rows)", flush=True)
             # In a fresh process while this one sits idle: peft's generate run in this process (on
             # the main thread, or on the engine's) was measured to slow graft's next run by ~20%.

@@ -401,7 +401,7 @@ def test_bf16_base_serves_adapters_in_bf16(stack, tok):
     base = fresh_base(stack.cfg, stack.state).to(torch.bfloat16)
     _, engine = build(base, tokenizer=tok, adapters={"all8": stack.root / "all8"}, served_name=BASE)
     _, kept = build(fresh_base(stack.cfg, stack.state).to(torch.bfloat16), tokenizer=tok,
-                           adapters={"all8": stack.root / "all8"}, served_name=BASE, adapter_dtype="fp32")
+                    adapters={"all8": stack.root / "all8"}, served_name=BASE, adapter_dtype="fp32")
     try:
         served = graft.core.adapter_parameters(base, "all8")
         assert served and {p.dtype for p in served.values()} == {torch.bfloat16}

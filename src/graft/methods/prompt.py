@@ -250,7 +250,7 @@ class InputAdapters(nn.Module):
         prefixes = [a for a in active if a.kind == "kv"]
         n_tokens = sum(a.num_virtual_tokens for a in tokens)
         n_prefix = sum(a.num_virtual_tokens for a in prefixes)
-        # transformers >= 5.25 names the backbone's KV cache ``cache`` (``past_key_values`` before)
+        # transformers >= 5.24 names the backbone's KV cache ``cache`` (``past_key_values`` before)
         given = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), self._cache_key)
         cache = kwargs.get(given)
         if cache is not None and not hasattr(cache, "get_seq_length"):
@@ -266,7 +266,7 @@ class InputAdapters(nn.Module):
                     "inside checkpointed layers, which would silently drop the prefix; turn checkpointing off"
                 )
             kwargs.pop(given, None)
-            kwargs[self._cache_key] = self._prefix_cache(prefixes, cache, batch, module)
+            cache = kwargs[self._cache_key] = self._prefix_cache(prefixes, cache, batch, module)
         if first and tokens:
             if embeds is None:
                 embeds = module.get_input_embeddings()(ids)  # (batch, L, d)
@@ -288,7 +288,6 @@ class InputAdapters(nn.Module):
             # peft: prompt tokens drop them (the model counts from the cache length); a prefix shifts them by n
             kwargs["position_ids"] = None if tokens else positions + n_prefix
         if kwargs.get("cache_position") is not None:  # models that still take it (remote code)
-            cache = kwargs.get(self._cache_key, kwargs.get(given))
             past = cache.get_seq_length() if cache is not None else 0
             length = (kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]).shape[1]
             kwargs["cache_position"] = torch.arange(past, past + length, device=kwargs["cache_position"].device)
@@ -323,7 +322,7 @@ class InputAdapters(nn.Module):
 
 
 def cache_argument(backbone: nn.Module) -> str | None:
-    """The name of the backbone's KV-cache argument: ``cache`` (transformers >= 5.25) or ``past_key_values``."""
+    """The name of the backbone's KV-cache argument: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     params = inspect.signature(backbone.forward).parameters
     return next((k for k in ("cache", "past_key_values") if k in params), None)
 

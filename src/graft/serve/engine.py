@@ -152,7 +152,7 @@ class Engine:
         self.steps = 0  # decoding steps run (for tests and metrics)
         self.max_rows_seen = 0
         # Where the engine thread's time goes (seconds), for benchmarks and /metrics-style reports.
-        self.timing = {"prefill_s": 0.0, "prefill_tokens": 0, "prefill_batches": 0, "decode_s": 0.0, "decode_rows": 0}
+        self.timing = {"prefill_s": 0.0, "prefill_positions": 0, "prefill_batches": 0, "decode_s": 0.0, "decode_rows": 0}
 
     # ---- lifecycle
     def start(self) -> Engine:
@@ -320,7 +320,7 @@ class Engine:
             self._rows.append(row)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
         self.timing["prefill_s"] += time.perf_counter() - began
-        self.timing["prefill_tokens"] += ids.numel()
+        self.timing["prefill_positions"] += ids.numel()
         self.timing["prefill_batches"] += 1
 
     def _step(self) -> None:
