@@ -16,6 +16,7 @@ from graft.core import (
 )
 from graft.data import prompting
 from graft.io import load, save
+from graft.loftq import loftq
 from graft.merge import merge, unload, unmerge
 from graft.methods.adalora import AdaLoRA
 from graft.methods.adapter import Adapter
@@ -55,6 +56,7 @@ __all__ = [
     "detach",
     "disabled",
     "load",
+    "loftq",
     "merge",
     "plan",
     "prepare_kbit_training",

@@ -27,7 +27,7 @@ from graft import targets as tg
 from graft.core import AdapterLayer, GraftState, TargetedMethod, register
 from graft.methods.heads import apply_modules_to_save, heads_to_save, modules_to_save_count
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 BIAS_MODES = ("none", "all", "lora_only")
 
 # peft's per-architecture defaults (utils/constants.py), used when ``targets`` is not given.
@@ -57,6 +57,7 @@ class LoraSpec:
     rslora: bool
     dora: bool
     init: str
+    loftq: dict[str, Any] | None = None  # init="loftq": the quantisation settings (graft.loftq.DEFAULTS)
 
     @property
     def scaling(self) -> float:
@@ -83,7 +84,11 @@ class LoRA(TargetedMethod):
         dora: Weight-decomposed LoRA (trainable magnitude per output feature).
         init: "default" (kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r)), "pissa" or
             "olora" (both move the principal part of W0 into A and B and change the base weight;
-            ``graft.save`` converts such an adapter to a plain rank-2r LoRA of the original base).
+            ``graft.save`` converts such an adapter to a plain rank-2r LoRA of the original base),
+            "loftq" (quantized base and adapter fitted together: use :func:`graft.loftq`, which
+            quantizes the model; on a full-precision model the LoftQ base is written into its weights).
+        loftq_config: init="loftq" only: ``quant_type`` ("nf4"/"fp4"), ``iters``, ``compute_dtype``,
+            ``double_quant`` (defaults in ``graft.loftq.DEFAULTS``).
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier);
             None takes a sequence-classification model's head automatically.
     """
@@ -101,6 +106,7 @@ class LoRA(TargetedMethod):
     dora: bool = False
     init: str = "default"
     modules_to_save: tuple[str, ...] | None = None
+    loftq_config: dict[str, Any] = field(default_factory=dict)
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -113,8 +119,16 @@ class LoRA(TargetedMethod):
             raise ValueError(f"LoRA bias={self.bias!r} is not one of {BIAS_MODES}")
         if self.init not in INITS:
             raise ValueError(f"LoRA init={self.init!r} is not one of {INITS}")
-        if self.dora and self.init in ("pissa", "olora"):
+        if self.dora and self.init in ("pissa", "olora", "loftq"):
             raise ValueError(f"LoRA init={self.init!r} cannot be combined with dora=True")
+        if self.loftq_config and self.init != "loftq":
+            raise ValueError(f"LoRA loftq_config is for init='loftq', not init={self.init!r}")
+        if self.init == "loftq":
+            from graft.loftq import check_settings
+
+            object.__setattr__(self, "loftq_config", check_settings(dict(self.loftq_config)))
+        else:
+            object.__setattr__(self, "loftq_config", {})
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
@@ -155,6 +169,7 @@ class LoRA(TargetedMethod):
             r=pattern_value(self.rank_pattern, name, self.r),
             alpha=pattern_value(self.alpha_pattern, name, self.alpha),
             dropout=self.dropout, rslora=self.rslora, dora=self.dora, init=self.init,
+            loftq=self.loftq_config or None,
         )
 
     def layer_class(self, module: nn.Module) -> type[AdapterLayer]:
@@ -237,7 +252,10 @@ class LoRA(TargetedMethod):
             "alpha_pattern": alpha_pattern,
             "modules_to_save": heads_to_save(model, self.modules_to_save) or None,
             "fan_in_fan_out": conv1d,
-            "init_lora_weights": True,
+            "init_lora_weights": "loftq" if self.init == "loftq" else True,
+            # peft's keys (bits, iterations) and graft's, which rebuild the exact 4-bit base.
+            **({"loftq_config": {"loftq_bits": 4, "loftq_iter": self.loftq_config["iters"], "graft": self.loftq_config}}
+               if self.init == "loftq" else {}),
             "layers_to_transform": None,
             "layers_pattern": None,
             "lora_bias": False,
@@ -253,7 +271,11 @@ class LoRA(TargetedMethod):
         # checkpoint saved without conversion is relative to that residual base: redo the same init.
         peft_init = config.get("init_lora_weights", True)
         init = peft_init.lower() if isinstance(peft_init, str) and peft_init.lower() in ("pissa", "olora") else "default"
-        if isinstance(peft_init, str) and peft_init.lower().startswith(("pissa_niter_", "corda", "loftq")):
+        loftq_config = {}
+        graft_loftq = (config.get("loftq_config") or {}).get("graft")
+        if isinstance(peft_init, str) and peft_init.lower() == "loftq" and isinstance(graft_loftq, dict):
+            init, loftq_config = "loftq", graft_loftq  # written by graft: its settings rebuild the base exactly
+        elif isinstance(peft_init, str) and peft_init.lower().startswith(("pissa_niter_", "corda", "loftq")):
             raise ValueError(
                 f"this LoRA checkpoint uses peft's init_lora_weights={peft_init!r}, which rewrites the base weights in "
                 "a way graft cannot reproduce; convert it in peft with save_pretrained(..., "
@@ -273,6 +295,7 @@ class LoRA(TargetedMethod):
             dora=bool(config.get("use_dora", False)),
             init=init,
             modules_to_save=config.get("modules_to_save"),
+            loftq_config=loftq_config,
         )
 
 
@@ -541,7 +564,7 @@ class LoraEmbedding(AdapterLayer):
         self.scaling: dict[str, float] = {}
 
     def add(self, name: str, spec: LoraSpec) -> None:
-        if spec.init in ("pissa", "olora"):
+        if spec.init in ("pissa", "olora", "loftq"):
             raise ValueError(f"init={spec.init!r} is not supported on nn.Embedding")
         w = self.base_layer.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -670,4 +693,30 @@ def init_olora(layer: LoraLinear, name: str) -> None:
     _set_principal(layer, name, rr[:r], q[:, :r])
 
 
-INIT_FUNCTIONS = {"default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora}
+def init_loftq(layer: LoraLinear, name: str) -> None:
+    """LoftQ: A, B from graft.loftq (quantized base), or computed here and Q_T written into a full-precision base."""
+    from graft.loftq import PENDING_ATTR, decompose  # `graft.loftq` the attribute is the function
+
+    base = layer.base_layer
+    factors = base.__dict__.pop(PENDING_ATTR, None)
+    if factors is None:
+        if quant.is_quantized(base):
+            raise ValueError(f"init='loftq' on an already quantized {type(base).__name__}: LoftQ needs the full-precision "
+                             "weights; call graft.loftq(model, lora_or_adapter_dir) on the full-precision model")
+        if layer.fan_in_fan_out:
+            raise ValueError("init='loftq' on a GPT-2 Conv1D is not supported (graft does not quantize Conv1D)")
+        if base.weight.is_meta:
+            return
+        spec = layer.configs[name]
+        d = decompose(base.weight, spec.r, spec.scaling, spec.loftq or {})
+        with torch.no_grad():
+            base.weight.copy_(d.quantized.to(base.weight.dtype))  # the LoftQ base, dequantized
+        factors = (d.a, d.b)
+    a, b = factors
+    with torch.no_grad():
+        layer.lora_A[name].weight.copy_(a.to(layer.lora_A[name].weight.dtype))
+        layer.lora_B[name].weight.copy_(b.to(layer.lora_B[name].weight.dtype))
+
+
+INIT_FUNCTIONS = {"default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora,
+                  "loftq": init_loftq}

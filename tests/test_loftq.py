@@ -1,0 +1,111 @@
+"""LoftQ: a 4-bit base and its LoRA fitted together (Q + s·BA ≈ W), saved, and rebuilt exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import batch_for, logits, tiny_llama
+from test_qlora import dequantized_reference, quantized_llama, train_steps
+
+import graft
+from graft import quant
+from graft.loftq import decompose
+
+bnb = pytest.importorskip("bitsandbytes")
+
+FP32 = {"compute_dtype": "float32"}  # exact comparisons: the 4-bit layers dequantize and multiply in fp32
+
+
+def lora(**kw) -> graft.LoRA:
+    return graft.LoRA(**{"r": 8, "alpha": 16, "targets": "all-linear", **kw})
+
+
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    """name -> dequantized base + s·BA of every LoRA layer on a 4-bit base."""
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and quant.is_quantized(m.base_layer):
+            out[name] = quant.dequantize(m.base_layer).float() + m.delta_weight("default")
+    return out
+
+
+def test_one_iteration_is_the_closed_form():
+    w = tiny_llama().model.layers[0].mlp.up_proj.weight.detach()
+    d = decompose(w, r=4, scaling=2.0, settings={**FP32, "iters": 1})
+    q, state = bnb.functional.quantize_4bit(w.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    plain = bnb.functional.dequantize_4bit(q, state)
+    u, s, vh = torch.linalg.svd(w - plain, full_matrices=False)
+    assert torch.equal(d.source, w) and torch.equal(d.quantized, plain)
+    torch.testing.assert_close(2.0 * d.b @ d.a, (u[:, :4] * s[:4]) @ vh[:4], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_loftq_starts_closer_to_the_full_precision_model_than_plain_quantization(quant_type):
+    inputs = batch_for("llama")
+    full, fp_logits = tiny_llama(), logits(tiny_llama(), inputs)
+    plain = quant.quantize(tiny_llama(), quant_type, compute_dtype=torch.float32)
+    model = graft.loftq(tiny_llama(), lora(), quant_type=quant_type, iters=3, prepare=False, **FP32)
+    fitted = effective_weights(model)
+    assert len(fitted) == 14  # 7 linears x 2 blocks, all on 4-bit bases
+    for name, w_eff in fitted.items():
+        w = full.get_submodule(name).weight.detach()
+        plain_err = (quant.dequantize(plain.get_submodule(name)).float() - w).norm()
+        assert (w_eff - w).norm() < 0.97 * plain_err, name  # rank 8 of 64 takes a share of the error
+    # ... and so do the logits, by a margin the test can see
+    plain_gap = (logits(plain, inputs) - fp_logits).abs().mean()
+    assert (logits(model, inputs) - fp_logits).abs().mean() < 0.9 * plain_gap
+
+
+def test_each_layer_holds_the_codes_of_its_loftq_residual():
+    """The stored base is exactly quant(W - L_{T-1}), the Q of the decomposition (nothing requantized twice)."""
+    full = tiny_llama()
+    model = graft.loftq(tiny_llama(), lora(), iters=2, prepare=False, **FP32)
+    layer = model.model.layers[1].self_attn.v_proj
+    d = decompose(full.model.layers[1].self_attn.v_proj.weight, 8, 2.0, {**FP32, "iters": 2})
+    assert torch.equal(quant.dequantize(layer.base_layer).float(), d.quantized)
+    assert torch.equal(layer.lora_A["default"].weight, d.a) and torch.equal(layer.lora_B["default"].weight, d.b)
+
+
+def test_trained_loftq_adapter_is_rebuilt_exactly_and_refused_on_a_plain_4bit_base(tmp_path):
+    inputs = batch_for("llama")
+    model = graft.loftq(tiny_llama(), lora(), iters=2, gradient_checkpointing=False, **FP32)
+    train_steps(model, inputs["input_ids"], steps=3)
+    trained = logits(model, inputs)
+    graft.save(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "loftq" and config["loftq_config"]["loftq_iter"] == 2
+
+    # 1. on 4 bits: the same base rebuilt from the full-precision weights, the trained tensors loaded
+    rebuilt = graft.loftq(tiny_llama(), tmp_path / "a")
+    torch.testing.assert_close(logits(rebuilt, inputs), trained, atol=1e-6, rtol=0)
+    # 2. on the full-precision model: Q_T written into its weights; equal up to summation order (fp32 compute)
+    on_fp = graft.load(tiny_llama(), tmp_path / "a")
+    torch.testing.assert_close(logits(on_fp, inputs), trained, atol=1e-5, rtol=0)
+    # the test can tell: a plain NF4 base under the same adapter is far off
+    plain = graft.load(dequantized_reference(quantized_llama()), tmp_path / "a")
+    assert (logits(plain, inputs) - trained).abs().max() > 1e-3
+    # 3. a plain 4-bit base cannot carry it: a clear error
+    with pytest.raises(ValueError, match="LoftQ needs the full-precision"):
+        graft.load(quantized_llama(), tmp_path / "a")
+
+
+def test_bad_loftq_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="dora"):
+        graft.loftq(tiny_llama(), lora(dora=True))
+    with pytest.raises(ValueError, match="would not be quantized"):
+        graft.loftq(tiny_llama(), lora(targets=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="already quantized"):
+        graft.loftq(quantized_llama(), lora())
+    with pytest.raises(ValueError, match="allowed keys: quant_type, iters, compute_dtype, double_quant"):
+        graft.loftq(tiny_llama(), lora(), bits=4)
+    with pytest.raises(ValueError, match="iters=0 must be an integer >= 1"):
+        graft.loftq(tiny_llama(), lora(), iters=0)
+    with pytest.raises(ValueError, match="allowed: nf4, fp4"):
+        graft.LoRA(init="loftq", loftq_config={"quant_type": "int8"})
+    with pytest.raises(ValueError, match="loftq_config is for init='loftq'"):
+        graft.LoRA(loftq_config={"iters": 2})
+    graft.save(graft.attach(tiny_llama(), lora()), tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a LoftQ adapter"):
+        graft.loftq(tiny_llama(), tmp_path / "plain")
