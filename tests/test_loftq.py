@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import batch_for, logits, tiny_llama
-from test_qlora import dequantized_reference, quantized_llama, train_steps
+from test_qlora import cli_model_dir, dequantized_reference, quantized_llama, run_cli, train_steps  # noqa: F401 (a fixture)
 
 import graft
 from graft import quant
@@ -109,3 +109,43 @@ def test_bad_loftq_input_is_a_clear_error(tmp_path):
     graft.save(graft.attach(tiny_llama(), lora()), tmp_path / "plain")
     with pytest.raises(ValueError, match="not a LoftQ adapter"):
         graft.loftq(tiny_llama(), tmp_path / "plain")
+
+
+def test_cli_trains_with_loftq_and_merge_rebuilds_its_base(cli_model_dir, tmp_path):  # noqa: F811 (the fixture)
+    from transformers import AutoModelForCausalLM
+
+    from graft import models
+
+    model_dir = cli_model_dir
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert run_cli(["train", "--model", str(model_dir), "--data", str(data), "--quantize", "nf4", "--init", "loftq",
+                    "--max-steps", "2", "--batch-size", "3", "--r", "4", "--lr", "1e-2", "--out", str(out)]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "loftq"
+    inputs = {"input_ids": torch.tensor([[1, 520, 3075, 314, 1072, 30]])}
+    on_4bit = logits(graft.loftq(models.load(model_dir)[0], out / "adapter"), inputs)
+    # merge (with or without --quantize) rebuilds the LoftQ base, not a plain NF4 one
+    for extra in ([], ["--quantize", "nf4"]):
+        merged = tmp_path / f"merged{len(extra)}"
+        assert run_cli(["merge", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--out", str(merged),
+                        "--dtype", "fp32", *extra]) == 0
+        dense = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True).eval()
+        # the run computed in the machine's default dtype (bf16 where native): allow its rounding
+        print("DIFF", (logits(dense, inputs) - on_4bit).abs().max().item(), on_4bit.abs().max().item())
+        torch.testing.assert_close(logits(dense, inputs), on_4bit, rtol=0, atol=0.05 * on_4bit.abs().max().item())
+
+
+def test_job_checks_init_against_quantize():
+    from graft.recipe import Job
+
+    with pytest.raises(ValueError, match="init=loftq goes with quantize nf4 or fp4"):
+        Job(model="m", data="d", init="loftq")
+    with pytest.raises(ValueError, match="init=loftq goes with quantize nf4 or fp4"):
+        Job(model="m", data="d", init="loftq", quantize="int8")
+    with pytest.raises(ValueError, match="is a LoRA setting"):
+        Job(model="m", data="d", init="pissa", method="ia3")
+    with pytest.raises(ValueError, match="not one of"):
+        Job(model="m", data="d", init="svd")

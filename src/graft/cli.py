@@ -119,6 +119,8 @@ TRAIN_FLAGS = [
     ("--dropout", float, "LoRA dropout"),
     ("--targets", str, "comma-separated module names, a regex, or all-linear"),
     ("--quantize", str, "nf4, fp4 or int8: train on a bitsandbytes-quantized base (QLoRA: nf4)"),
+    ("--init", str, ("LoRA init: default, gaussian, pissa, olora, or loftq (with --quantize nf4/fp4: base and "
+                     "adapter fitted together)")),
     ("--task", str, "causal-lm or classification"),
     ("--text-field", str, "column holding the text (classification)"),
     ("--label-field", str, "column holding the label (classification)"),
@@ -244,8 +246,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     import graft
-    from graft.io import atomic_dir_write
+    from graft.io import atomic_dir_write, read_config
 
+    if args.quantize and read_config(args.adapter).get("init_lora_weights") == "loftq":
+        # A LoftQ base is rebuilt from the full-precision weights (graft.load writes Q_T into them);
+        # a plain quantize-then-dequantize base would be the wrong one.
+        args.quantize = None
     if args.quantize:
         from graft import models, quant
 

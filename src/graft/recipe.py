@@ -54,6 +54,7 @@ class Job:
     label_field: str | None = None
     limit: int | None = None
     quantize: str | None = None  # nf4, fp4 or int8: a bitsandbytes base (QLoRA); None: full precision
+    init: str = "default"  # LoRA family: default, gaussian, pissa, olora, or loftq (with quantize nf4/fp4)
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (graft.train.distributed); ignored in one process
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
 
@@ -67,6 +68,16 @@ class Job:
             if self.method == "full":
                 raise ValueError(f"quantize={self.quantize!r} freezes the base in bitsandbytes layers, so "
                                  "method=full cannot train it; use an adapter method such as lora")
+        if self.init != "default":
+            from graft.methods.lora import INITS
+
+            if self.method not in ("lora", "rslora", "dora"):
+                raise ValueError(f"init={self.init!r} is a LoRA setting; method {self.method} has its own initialisation")
+            if self.init not in INITS:
+                raise ValueError(f"init={self.init!r} is not one of {', '.join(INITS)}")
+            if (self.init == "loftq") != (self.quantize in ("nf4", "fp4")):
+                raise ValueError(f"init={self.init!r} with quantize={self.quantize!r}: LoftQ fits the adapter to a 4-bit "
+                                 "base, so init=loftq goes with quantize nf4 or fp4, and only there")
         if self.format is not None:
             from graft.data.formats import spec_for
 
@@ -174,7 +185,7 @@ def build_method(job: Job):
         return None
     if job.method in ("lora", "rslora", "dora"):
         return graft.LoRA(r=job.r, alpha=job.alpha, dropout=job.dropout, targets=_targets(job.targets or "all-linear"),
-                          rslora=job.method == "rslora", dora=job.method == "dora")
+                          rslora=job.method == "rslora", dora=job.method == "dora", init=job.init)
     cls = getattr(graft, METHOD_CLASSES[job.method])
     args = dict(job.method_args or {})
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -210,12 +221,14 @@ def prepare(job: Job, config: TrainConfig):
         records = [records[i] for i in order[cut:]]
     classification = config.task == "classification"
     label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
-    kbit = {"quantize": job.quantize, "compute_dtype": quant.default_compute_dtype()} if job.quantize else {}
+    compute = quant.default_compute_dtype()
+    loftq = job.init == "loftq"  # loaded in full precision: LoftQ quantizes and attaches together
+    kbit = {"quantize": job.quantize, "compute_dtype": compute} if job.quantize and not loftq else {}
     if classification:
         model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map), **kbit)
     else:
         model, tokenizer = models.load(job.model, **kbit)
-    if job.quantize:
+    if job.quantize and not loftq:
         graft.prepare_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     fmt = job.format or ("classification" if classification else None)
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
@@ -224,7 +237,10 @@ def prepare(job: Job, config: TrainConfig):
     train_ex = data.tokenize(records, tokenizer, **kw)
     eval_ex = data.tokenize(eval_records, tokenizer, **kw) if eval_records else None
     method = build_method(job)
-    if method is not None:
+    if loftq:
+        graft.loftq(model, method, quant_type=job.quantize, compute_dtype=str(compute).removeprefix("torch."),
+                    gradient_checkpointing=config.gradient_checkpointing)
+    elif method is not None:
         graft.attach(model, method)
     # Input-side methods (prompt, prefix) put virtual tokens in front of every row: one example per row.
     # LLM.int8() inference picks its 16-bit outlier columns over the whole batch, so the examples in a
