@@ -163,11 +163,11 @@ def loftq(
         linear = model.get_submodule(n)
         spec = method.layer_config(n)
         d = decompose(linear.weight, spec.r, spec.scaling, full)
-        with torch.no_grad():
-            linear.weight.copy_(d.source)
+        linear.weight.data = d.source  # a new tensor: writing into a memory-mapped checkpoint would dirty its pages
         factors[n] = (d.a, d.b)
     quant.quantize(model, full["quant_type"], compute_dtype=_DTYPES[full["compute_dtype"]],
                    double_quant=full["double_quant"])
+    quant.own_memory(model)  # let go of the checkpoint's memory map, as models.load(quantize=...) does
     if prepare:
         quant.prepare_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     try:

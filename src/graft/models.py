@@ -140,22 +140,9 @@ def load(
     _ensure_pad_token(tokenizer, model)
     if quantize is not None:
         quant.quantize(model, quantize, compute_dtype=compute_dtype, double_quant=double_quant)
-        _own_memory(model)
+        quant.own_memory(model)
     model.eval()
     return model, tokenizer
-
-
-def _own_memory(model: PreTrainedModel) -> None:
-    """Copy the weights left in full precision out of the checkpoint's memory map.
-
-    transformers maps the safetensors file and its tensors keep the whole mapping alive. After
-    quantizing, the embeddings and norms still point into it, so the pages of the fp32 linear weights
-    that quantizing read stay resident (about 500 MB for SmolLM2) although nothing uses them.
-    """
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.clone()
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:

@@ -59,6 +59,9 @@ class TrainConfig:
         task: "causal-lm" (next-token loss on ``labels`` != -100) or "classification".
         log_every: Write a metrics line every N steps.
         progress: Show a tqdm progress bar.
+        release_cpu_memory: CPU training on Linux (glibc): map blocks of 64 KiB or more on their own,
+            so memory freed during a step returns to the OS and peak RSS follows the live tensors
+            (``graft.train.monitor.map_large_blocks``; process-wide, for the rest of the process).
     """
 
     lr: float = 2e-4
@@ -89,6 +92,7 @@ class TrainConfig:
     task: str = "causal-lm"
     log_every: int = 1
     progress: bool = True
+    release_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
         _number("lr", self.lr, low=0.0, strict=True)

@@ -41,7 +41,14 @@ from graft.train.loss import (
     selective_fallback_reason,
     supervised_count,
 )
-from graft.train.monitor import PLOT_NAME, MetricsLog, peak_memory_mb, perplexity, plot_losses
+from graft.train.monitor import (
+    PLOT_NAME,
+    MetricsLog,
+    map_large_blocks,
+    peak_memory_mb,
+    perplexity,
+    plot_losses,
+)
 from graft.train.optim import build_optimizer, build_scheduler
 
 Collate = Callable[[list[Any]], dict[str, torch.Tensor]]
@@ -160,6 +167,8 @@ def train(
     order = dist.order_config(config) if dist is not None else config  # what decides the global data order
     device = next(model.parameters()).device
     _check_autocast(config, device)
+    if config.release_cpu_memory and device.type == "cpu":
+        map_large_blocks()
     lengths = [_length(x) for x in train_data] if config.tokens_per_batch else None
     total = config.max_steps or _count_steps(len(train_data), lengths, order)
     _seed_everything(config.seed)
