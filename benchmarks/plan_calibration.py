@@ -27,8 +27,10 @@ process, fragmented: the RSS peak then runs 10-25% above the live tensors (LoRA 
 2201 MiB with the default, 1766 MiB with a fixed threshold; torch's profiler puts the live-tensor
 peak of that run at 1737 MiB, the plan at 1735 MiB). That is allocator slack, the CPU counterpart of
 the CUDA caching allocator's reserved-but-unallocated memory, which the plan leaves to ``reserve``.
-The children run with ``MALLOC_MMAP_THRESHOLD_=65536`` (blocks of 64 KiB or more are mapped and
-unmapped, so RSS follows the tensors); ``--glibc-default`` measures with the default allocator.
+Each child runs as ``graft train --release-cpu-memory`` does: ``map_large_blocks()`` before anything is
+loaded and ``TrainConfig(release_cpu_memory=True)``, which set glibc's mmap threshold to 64 KiB
+(``mallopt``, as ``MALLOC_MMAP_THRESHOLD_=65536`` would: blocks of 64 KiB or more are mapped and
+unmapped, so RSS follows the tensors); ``--glibc-default`` runs with the default allocator settings.
 
 Prints a markdown table: predicted, measured, and their ratio (target: within 15%).
 """
@@ -115,7 +117,7 @@ def collate(rows: list[dict]) -> dict:
             "labels": torch.stack([r["labels"] for r in rows])}
 
 
-def child(method: str, seq_len: int, checkpointing: bool, steps: int) -> None:
+def child(method: str, seq_len: int, checkpointing: bool, steps: int, release: bool) -> None:
     import torch
 
     import graft
@@ -124,6 +126,10 @@ def child(method: str, seq_len: int, checkpointing: bool, steps: int) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if release:  # from the start, as `graft train --release-cpu-memory` does: loading and quantizing fragment too
+        from graft.train.monitor import map_large_blocks
+
+        map_large_blocks()
     warm_up()
     trim()
     runtime_kb = rss_kb()
@@ -146,7 +152,8 @@ def child(method: str, seq_len: int, checkpointing: bool, steps: int) -> None:
     reset_peak()
     t0 = time.perf_counter()
     result = train(model, data, collate, TrainConfig(lr=1e-4, max_steps=steps, batch_size=1, progress=False,
-                                                     gradient_checkpointing=checkpointing, logits_chunk=512))
+                                                     gradient_checkpointing=checkpointing, logits_chunk=512,
+                                                     release_cpu_memory=release))
     seconds = time.perf_counter() - t0
     peak_kb = rss_kb("VmHWM")
     print(json.dumps({"method": method, "seq_len": seq_len, "checkpointing": checkpointing,
@@ -173,17 +180,16 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.checkpointing, args.steps)
+        child(args.child[0], int(args.child[1]), args.checkpointing, args.steps, release=not args.glibc_default)
         return
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if not args.glibc_default:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(2**16)
     rows = []
     for method in args.methods:
         for seq_len in args.seq_lens:
             cmd = [sys.executable, __file__, "--child", method, str(seq_len), "--steps", str(args.steps)]
             cmd += ["--checkpointing"] if args.checkpointing else []
+            cmd += ["--glibc-default"] if args.glibc_default else []
             out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{method} seq {seq_len} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
@@ -197,7 +203,7 @@ def main() -> None:
 
     print("\nSmolLM2-135M, fp32, CPU, batch 1, AdamW, logits chunk 512"
           + (", gradient checkpointing" if args.checkpointing else "")
-          + (", glibc default malloc" if args.glibc_default else ", MALLOC_MMAP_THRESHOLD_=64KiB")
+          + (", glibc default malloc" if args.glibc_default else ", TrainConfig(release_cpu_memory=True)")
           + "; MiB = 2^20 bytes.")
     print("runtime = RSS after imports and a tiny warm-up step; measured = training peak RSS - runtime.\n")
     print("| method | seq len | weights | activations (plan) | predicted peak | measured peak "

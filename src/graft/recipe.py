@@ -208,6 +208,10 @@ def prepare(job: Job, config: TrainConfig):
         raise ValueError("no training data: pass --data FILE (jsonl, json, csv or tsv) or set data: in the config")
     if not Path(job.data).exists():
         raise FileNotFoundError(f"data file {job.data!r} does not exist")
+    if config.release_cpu_memory:  # before loading: the load's and quantization's temporaries fragment the heap too
+        from graft.train.monitor import map_large_blocks
+
+        map_large_blocks()
     fields = {k: v for k, v in (("text", job.text_field), ("label", job.label_field)) if v}
     records = data.read(job.data)
     if job.limit:

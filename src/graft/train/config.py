@@ -62,6 +62,8 @@ class TrainConfig:
         release_cpu_memory: CPU training on Linux (glibc): map blocks of 64 KiB or more on their own,
             so memory freed during a step returns to the OS and peak RSS follows the live tensors
             (``graft.train.monitor.map_large_blocks``; process-wide, for the rest of the process).
+            A trade: SmolLM2-135M LoRA, 4 x 512 tokens, peak RSS 5,048 -> 3,677 MB (-27%), time per
+            step +46% (every large tensor is page-faulted in afresh). For when memory, not time, binds.
     """
 
     lr: float = 2e-4
@@ -92,7 +94,7 @@ class TrainConfig:
     task: str = "causal-lm"
     log_every: int = 1
     progress: bool = True
-    release_cpu_memory: bool = True
+    release_cpu_memory: bool = False
 
     def __post_init__(self) -> None:
         _number("lr", self.lr, low=0.0, strict=True)
@@ -141,6 +143,7 @@ class TrainConfig:
         _choice("task", self.task, TASKS)
         _integer("log_every", self.log_every, low=1)
         _flag("progress", self.progress)
+        _flag("release_cpu_memory", self.release_cpu_memory)
 
     def _check_restarts(self) -> None:
         """The "cosine_restarts" fields: required / in range with that schedule, unset with any other."""
