@@ -8,13 +8,16 @@ How the virtual tokens reach the model: a forward pre-hook and a forward hook on
 (``model.<base_model_prefix>``, e.g. ``model.model`` of a Llama), so ``model(**batch)``,
 ``model.generate(...)`` and graft's selective-logits loss (which calls the backbone) all see them.
 The pre-hook turns ``input_ids`` into ``inputs_embeds`` with the n virtual rows in front, prepends n
-ones to the attention mask (zeros to ``token_type_ids``) and drops ``position_ids``, so the model
-numbers the real tokens n..n+L-1, as peft does. The forward hook removes the n virtual positions
+ones to the attention mask (zeros to ``token_type_ids``) and, when the caller passes ``position_ids``
+(generate derives them from the mask), numbers the virtual rows 0..n-1 and shifts the real tokens'
+positions by n; without them the model numbers the whole row 0..n+L-1, as peft does. peft drops
+``position_ids`` for prompt tokens, so in its batched generation a left-padded row's positions count
+its padding and its output depends on what it was batched with; graft's does not (tested). The forward hook removes the n virtual positions
 from ``last_hidden_state`` (and ``hidden_states``): the top model's logits stay aligned with
 ``input_ids``, so ``labels`` work unchanged. Attention weights (``output_attentions``) keep them.
 
-Generation: the first step (empty KV cache) prepends; later steps only extend the mask and let the
-model number the new token from the cache length, which already holds the virtual tokens.
+Generation: the first step (empty KV cache) prepends; later steps only extend the mask and shift the
+new token's position past the virtual tokens.
 
 Several input-side adapters active at once (``graft.activate(model, ["p1", "p2"])``) are
 concatenated in activation order: ``[P_p1 ; P_p2 ; E(x)]``. Prefix adapters live in the KV cache,
@@ -285,8 +288,15 @@ class InputAdapters(nn.Module):
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n_tokens + n_prefix), mask], dim=1)
         positions = kwargs.get("position_ids")
         if positions is not None:
-            # peft: prompt tokens drop them (the model counts from the cache length); a prefix shifts them by n
-            kwargs["position_ids"] = None if tokens else positions + n_prefix
+            # The caller's positions number the real tokens (generate derives them from the mask, so a
+            # left-padded row counts from its first token): shift them past the prefix and the prompt, and
+            # give the prompt rows the positions just before. A row then sees what it sees alone, unpadded.
+            # (peft drops them for prompt tokens, so its positions count the padding.)
+            shifted = positions + n_prefix + n_tokens
+            if first and tokens:
+                virtual = n_prefix + torch.arange(n_tokens, device=positions.device, dtype=positions.dtype)
+                shifted = torch.cat([virtual.expand(positions.shape[0], -1), shifted], dim=1)
+            kwargs["position_ids"] = shifted
         if kwargs.get("cache_position") is not None:  # models that still take it (remote code)
             past = cache.get_seq_length() if cache is not None else 0
             length = (kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]).shape[1]
