@@ -444,6 +444,26 @@ def test_idle_engine_gives_back_its_cache(stack, tok):
 # 4. Loading and unloading adapters
 
 
+def test_adapters_that_rewrite_the_base_are_refused(stack):
+    """A checkpoint whose loading rewrites the shared base weights (peft PiSSA/OLoRA saved unconverted, LoftQ)
+    is refused with a 400 that says why, and the base answers exactly as before."""
+    root, http = stack.root, stack.http
+    before = greedy(stack.client, BASE, PROMPT, 8).choices[0].text
+    for init in ("pissa", "loftq"):
+        path = root / f"rewrites-{init}"
+        shutil.copytree(root / "all8", path)
+        config = json.loads((path / "adapter_config.json").read_text())
+        config["init_lora_weights"] = init
+        if init == "loftq":
+            config["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1, "graft": {"iters": 1}}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": f"rw-{init}", "lora_path": str(path)})
+        assert r.status_code == 400, r.text
+        assert "rewrites the base weights" in error_body(r)["message"]
+    assert not [m.id for m in stack.client.models.list() if m.id.startswith("rw-")]
+    assert greedy(stack.client, BASE, PROMPT, 8).choices[0].text == before
+
+
 def test_load_and_unload_over_http(stack):
     """Loading from inside the root works; outside paths, traversal and escaping symlinks are refused."""
     root, http = stack.root, stack.http

@@ -35,6 +35,22 @@ class AdapterError(ValueError):
         self.status, self.code = status, code
 
 
+# LoRA inits whose loading rewrites the base weights: on a base every adapter shares, that would change
+# every other adapter's and the base's outputs.
+REWRITES_BASE = ("pissa", "olora", "loftq")
+
+
+def _check_leaves_base_alone(name: str, path: str | Path) -> None:
+    config = io.read_config(path)
+    init = getattr(core.method_for_peft_type(config["peft_type"]).from_peft(config), "init", "default")
+    if init in REWRITES_BASE:
+        raise AdapterError(
+            f"adapter {name!r} uses init={init!r}, whose loading rewrites the base weights every served adapter shares; "
+            + ("save it with graft.save, which stores PiSSA/OLoRA as a plain LoRA of the original base"
+               if init != "loftq" else
+               "a LoftQ adapter needs its own base: merge it (graft merge) and serve that model"))
+
+
 class AdapterRegistry:
     """Adapter names, paths and the in-memory LRU set.
 
@@ -129,6 +145,7 @@ class AdapterRegistry:
             path = self.paths[name]
             loaded = name in self._loaded
         if not loaded:
+            _check_leaves_base_alone(name, path)
             self._make_room()
             try:
                 io.load(self.model, path, name=name, activate=False)
