@@ -198,3 +198,13 @@ def test_failed_attach_leaves_the_model_untouched(monkeypatch):
     assert not hasattr(model, graft.core.STATE_ATTR)
     assert all(p.requires_grad for p in model.parameters())
     assert set(model.state_dict()) == set(before)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_init_that_rewrites_the_base_refuses_a_model_with_adapters(init):
+    model = graft.attach(tiny_llama(), graft.LoRA(r=4, targets=["q_proj"]), name="first")
+    before = logits(model, batch_for("llama"))
+    with pytest.raises(ValueError, match=rf"init='{init}' rewrites the base weights, and this model carries "
+                                         r"adapters \['first'\]"):
+        graft.attach(model, graft.LoRA(r=4, targets=["q_proj"], init=init), name="second")
+    torch.testing.assert_close(logits(model, batch_for("llama")), before, atol=0, rtol=0)  # nothing rewritten

@@ -185,6 +185,13 @@ class LoRA(TargetedMethod):
         )
 
     def apply(self, model: nn.Module, name: str, state: GraftState) -> None:
+        others = [n for n in state.methods if n != name]
+        if self.init in ("pissa", "olora", "loftq") and others:
+            raise ValueError(
+                f"LoRA init={self.init!r} rewrites the base weights, and this model carries adapters {others} that "
+                "were fitted to the current ones; attach it to a model without adapters (graft.save stores "
+                "PiSSA/OLoRA as a plain LoRA of the original base, which loads anywhere)"
+            )
         if self.bias != "none":
             for other, method in state.methods.items():
                 if getattr(method, "bias", "none") != "none":
