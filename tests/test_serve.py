@@ -444,6 +444,35 @@ def test_idle_engine_gives_back_its_cache(stack, tok):
 # 4. Loading and unloading adapters
 
 
+def test_an_adapter_gone_before_admission_is_a_404_for_its_request(stack):
+    """Between the HTTP check and the engine's admission an adapter can be unloaded: that request gets the
+    registry's 404 (status carried on the event), not a 500."""
+    done = threading.Event()
+    events = []
+
+    def sink(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    stack.engine.submit([520, 3075, 314], sink, adapter="unloaded-meanwhile", sampling=Sampling(max_tokens=2),
+                        stream=False)
+    assert done.wait(60)
+    last = events[-1]
+    assert last.finish_reason == "error" and last.status == 404 and "unloaded-meanwhile" in last.error
+
+
+def test_that_404_reaches_the_http_client(stack, monkeypatch):
+    from graft.serve.registry import AdapterError
+
+    def gone(name):
+        raise AdapterError(f"no adapter named {name!r}", status=404, code="model_not_found")
+
+    monkeypatch.setattr(stack.registry, "acquire", gone)  # the HTTP check passed; the adapter went before admission
+    r = stack.http.post("/v1/completions", json={"model": "all8", "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 404 and error_body(r)["code"] == "model_not_found", r.text
+
+
 def test_adapters_that_rewrite_the_base_are_refused(stack):
     """A checkpoint whose loading rewrites the shared base weights (peft PiSSA/OLoRA saved unconverted, LoftQ)
     is refused with a 400 that says why, and the base answers exactly as before."""

@@ -270,7 +270,8 @@ def create_app(
                 t.cancel()
             raise
         if reply.error:
-            raise ApiError(500, reply.error, "server_error")
+            kind = "server_error" if reply.status >= 500 else "not_found_error" if reply.status == 404 else "invalid_request_error"
+            raise ApiError(reply.status, reply.error, kind, code="model_not_found" if reply.status == 404 else None)
         return reply.body()
 
     async def _stream(request: Request, events: asyncio.Queue, reply: _Reply, tickets: list, usage: bool) -> AsyncIterator[str]:
@@ -361,6 +362,7 @@ class _Reply:
         self.reasons: list[str | None] = [None] * count
         self.completion_tokens = 0
         self.error: str | None = None
+        self.status = 500
 
     @property
     def open(self) -> bool:
@@ -372,7 +374,7 @@ class _Reply:
             self.reasons[index] = "stop" if event.finish_reason == "cancelled" else event.finish_reason
             self.completion_tokens += event.completion_tokens
             if event.error:
-                self.error = event.error
+                self.error, self.status = event.error, event.status
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens}

@@ -74,6 +74,7 @@ class Event:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    status: int = 500  # with ``error``: the HTTP status it maps to (4xx: the request's fault, e.g. its adapter went)
 
 
 @dataclass
@@ -271,7 +272,7 @@ class Engine:
                 ready.append(row)
             except Exception as err:  # noqa: BLE001 - reported to this request only
                 log.warning("request refused: %s", err)
-                self._finish(row, "error", error=str(err))
+                self._finish(row, "error", error=str(err), status=getattr(err, "status", 400))
         by_adapter: dict[str | None, list[_Row]] = {}
         for row in ready:  # one adapter per prefill batch: its LoRA runs as a plain matmul pair
             by_adapter.setdefault(row.adapter, []).append(row)
@@ -398,11 +399,12 @@ class Engine:
         self._finish(row, reason, text=text[row.emitted :], token_ids=ids if row.stream else tuple(row.ids))
         return True
 
-    def _finish(self, row: _Row, reason: str, *, text: str = "", token_ids: tuple[int, ...] = (), error: str | None = None) -> None:
+    def _finish(self, row: _Row, reason: str, *, text: str = "", token_ids: tuple[int, ...] = (), error: str | None = None,
+                status: int = 500) -> None:
         if row.acquired:
             row.acquired = False
             self.registry.release(row.adapter)
-        row.sink(Event(text, token_ids, reason, error, len(row.prompt_ids), len(row.ids)))
+        row.sink(Event(text, token_ids, reason, error, len(row.prompt_ids), len(row.ids), status))
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
