@@ -125,6 +125,10 @@ def test_cli_trains_with_loftq_and_merge_rebuilds_its_base(cli_model_dir, tmp_pa
                     "--max-steps", "2", "--batch-size", "3", "--r", "4", "--lr", "1e-2", "--out", str(out)]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == "loftq"
+    from graft.cli import describe
+
+    info = describe(str(out / "adapter"))  # graft inspect says which base the adapter needs
+    assert info["init"] == "loftq" and info["loftq"]["quant_type"] == "nf4" and info["loftq"]["iters"] == 5
     inputs = {"input_ids": torch.tensor([[1, 520, 3075, 314, 1072, 30]])}
     on_4bit = logits(graft.loftq(models.load(model_dir)[0], out / "adapter"), inputs)
     # merge (with or without --quantize) rebuilds the LoftQ base, not a plain NF4 one

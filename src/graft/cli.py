@@ -282,6 +282,9 @@ def describe(path: str) -> dict:
         "path": str(path),
         "method": cfg.get("peft_type"),
         "variant": [k for k in ("use_dora", "use_rslora") if cfg.get(k)] or None,
+        # a named init (pissa, olora, loftq: the base it needs), with LoftQ's quantization settings
+        "init": cfg.get("init_lora_weights") if isinstance(cfg.get("init_lora_weights"), str) else None,
+        "loftq": (cfg.get("loftq_config") or {}).get("graft"),
         "r": cfg.get("r"),
         "alpha": cfg.get("lora_alpha"),
         "targets": cfg.get("target_modules"),
