@@ -35,10 +35,16 @@ from torch import nn
 from graft import quant
 from graft import targets as tg
 
-__all__ = ["DEFAULTS", "Decomposition", "check_settings", "decompose", "loftq"]
+__all__ = ["DEFAULTS", "Decomposition", "check_settings", "decompose", "loftq", "top_singular"]
 
 # iters: LoftQ's T. peft defaults to 1; 5 is what the base loss above kept improving up to.
-DEFAULTS = {"quant_type": "nf4", "iters": 5, "compute_dtype": "bfloat16", "double_quant": True}
+# svd: "randomized" finds the top r singular triplets by a seeded randomized range finder (4 power
+# iterations, 8 extra columns; deterministic, so a checkpoint's base is rebuilt exactly); "exact" runs a
+# full SVD. On this CPU a full SVD of a 4096 x 11008 matrix took 37 s, the randomized one 0.27 s (a 7B
+# model: hours vs minutes at 5 iterations); on a SmolLM2 quantization error it captured 0.080 of the
+# energy against the optimum's 0.085.
+DEFAULTS = {"quant_type": "nf4", "iters": 5, "compute_dtype": "bfloat16", "double_quant": True, "svd": "randomized"}
+SVDS = ("randomized", "exact")
 PENDING_ATTR = "_graft_loftq_factors"  # (A, B) handed from loftq() to the LoRA init of a quantized layer
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +64,8 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"loftq compute_dtype={out['compute_dtype']!r} is not one of {', '.join(_DTYPES)}")
     if not isinstance(out["double_quant"], bool):
         raise TypeError(f"loftq double_quant={out['double_quant']!r} must be true or false")
+    if out["svd"] not in SVDS:
+        raise ValueError(f"loftq svd={out['svd']!r} is not one of {', '.join(SVDS)}")
     return out
 
 
@@ -80,6 +88,26 @@ def _roundtrip(weight: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     return bnbf.dequantize_4bit(codes, state).float()
 
 
+def top_singular(a: torch.Tensor, r: int, method: str = "randomized", oversample: int = 8, power_iters: int = 4
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r largest singular triplets (U_r, S_r, Vh_r) of a 2-D fp32 matrix.
+
+    "randomized": Halko, Martinsson & Tropp (2011), Alg. 4.4: a Gaussian test matrix from a fixed seed (so
+    the result is a function of ``a`` alone), ``power_iters`` subspace iterations re-orthonormalised by QR,
+    then an exact SVD of the small projected matrix. "exact": ``torch.linalg.svd``.
+    """
+    if method == "exact" or r + oversample >= min(a.shape):
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    g = torch.Generator().manual_seed(0)
+    y = a @ torch.randn(a.shape[1], r + oversample, generator=g).to(a.device)
+    for _ in range(power_iters):
+        y = a @ (a.T @ torch.linalg.qr(y).Q)
+    q = torch.linalg.qr(y).Q  # (d_out, r + oversample), orthonormal: a ≈ q qᵀ a
+    u, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ u)[:, :r], s[:r], vh[:r]
+
+
 def decompose(weight: torch.Tensor, r: int, scaling: float, settings: dict[str, Any]) -> Decomposition:
     """LoftQ for one (d_out, d_in) weight; the split of L_T into A and B is PiSSA's, √S on each side, / s."""
     s = check_settings(settings)
@@ -88,10 +116,10 @@ def decompose(weight: torch.Tensor, r: int, scaling: float, settings: dict[str, 
     for _ in range(s["iters"]):
         source = (w - low).to(weight.dtype)  # what the layer will hold and quantize
         quantized = _roundtrip(source, s)
-        u, sv, vh = torch.linalg.svd(w - quantized, full_matrices=False)
-        low = (u[:, :r] * sv[:r]) @ vh[:r]
-    root = torch.sqrt(sv[:r] / scaling)
-    return Decomposition(source, quantized, root[:, None] * vh[:r], u[:, :r] * root[None, :])
+        u, sv, vh = top_singular(w - quantized, r, s["svd"])
+        low = (u * sv) @ vh
+    root = torch.sqrt(sv / scaling)
+    return Decomposition(source, quantized, root[:, None] * vh, u * root[None, :])
 
 
 def loftq(
@@ -118,7 +146,7 @@ def loftq(
         gradient_checkpointing: Passed to ``prepare_kbit_training``.
         **settings: LoftQ settings overriding the method's ``loftq_config``: ``quant_type`` ("nf4",
             "fp4"), ``iters`` (T >= 1), ``compute_dtype`` ("bfloat16", "float32", "float16"),
-            ``double_quant``. Not allowed with a directory (its settings are the ones it was trained with).
+            ``double_quant``, ``svd`` ("randomized" or "exact"). Not allowed with a directory (its settings are the ones it was trained with).
 
     Returns:
         The same model.

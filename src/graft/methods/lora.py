@@ -281,7 +281,8 @@ class LoRA(TargetedMethod):
         loftq_config = {}
         graft_loftq = (config.get("loftq_config") or {}).get("graft")
         if isinstance(peft_init, str) and peft_init.lower() == "loftq" and isinstance(graft_loftq, dict):
-            init, loftq_config = "loftq", graft_loftq  # written by graft: its settings rebuild the base exactly
+            # written by graft: its settings rebuild the base exactly (before "svd" existed, the SVD was exact)
+            init, loftq_config = "loftq", {"svd": "exact", **graft_loftq}
         elif isinstance(peft_init, str) and peft_init.lower().startswith(("pissa_niter_", "corda", "loftq")):
             raise ValueError(
                 f"this LoRA checkpoint uses peft's init_lora_weights={peft_init!r}, which rewrites the base weights in "
