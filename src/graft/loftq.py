@@ -46,7 +46,7 @@ __all__ = ["DEFAULTS", "Decomposition", "check_settings", "decompose", "loftq", 
 DEFAULTS = {"quant_type": "nf4", "iters": 5, "compute_dtype": "bfloat16", "double_quant": True, "svd": "randomized"}
 SVDS = ("randomized", "exact")
 PENDING_ATTR = "_graft_loftq_factors"  # (A, B) handed from loftq() to the LoRA init of a quantized layer
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {str(d).removeprefix("torch."): d for d in quant.COMPUTE_DTYPES}  # "bfloat16" -> torch.bfloat16
 
 
 def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -205,9 +205,8 @@ def loftq(
             io.load(model, path, name)
         else:
             attach(model, method, name)
-    finally:
+    finally:  # init_loftq pops what it used; a failed attach leaves the rest on the quantized layers
         for n in factors:
-            model.get_submodule(n).__dict__.pop(PENDING_ATTR, None)
             layer = model.get_submodule(n)
             getattr(layer, "base_layer", layer).__dict__.pop(PENDING_ATTR, None)
     return model

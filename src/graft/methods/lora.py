@@ -28,6 +28,7 @@ from graft.core import AdapterLayer, GraftState, TargetedMethod, register
 from graft.methods.heads import apply_modules_to_save, heads_to_save, modules_to_save_count
 
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+REWRITES_BASE = ("pissa", "olora", "loftq")  # inits that change the base weight when the adapter is created
 BIAS_MODES = ("none", "all", "lora_only")
 
 # peft's per-architecture defaults (utils/constants.py), used when ``targets`` is not given.
@@ -119,7 +120,7 @@ class LoRA(TargetedMethod):
             raise ValueError(f"LoRA bias={self.bias!r} is not one of {BIAS_MODES}")
         if self.init not in INITS:
             raise ValueError(f"LoRA init={self.init!r} is not one of {INITS}")
-        if self.dora and self.init in ("pissa", "olora", "loftq"):
+        if self.dora and self.init in REWRITES_BASE:
             raise ValueError(f"LoRA init={self.init!r} cannot be combined with dora=True")
         if self.loftq_config and self.init != "loftq":
             raise ValueError(f"LoRA loftq_config is for init='loftq', not init={self.init!r}")
@@ -186,7 +187,7 @@ class LoRA(TargetedMethod):
 
     def apply(self, model: nn.Module, name: str, state: GraftState) -> None:
         others = [n for n in state.methods if n != name]
-        if self.init in ("pissa", "olora", "loftq") and others:
+        if self.init in REWRITES_BASE and others:
             raise ValueError(
                 f"LoRA init={self.init!r} rewrites the base weights, and this model carries adapters {others} that "
                 "were fitted to the current ones; attach it to a model without adapters (graft.save stores "
@@ -572,7 +573,7 @@ class LoraEmbedding(AdapterLayer):
         self.scaling: dict[str, float] = {}
 
     def add(self, name: str, spec: LoraSpec) -> None:
-        if spec.init in ("pissa", "olora", "loftq"):
+        if spec.init in REWRITES_BASE:
             raise ValueError(f"init={spec.init!r} is not supported on nn.Embedding")
         w = self.base_layer.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype

@@ -44,6 +44,11 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+def _error_type(status: int) -> str:
+    """OpenAI's error type for an HTTP status."""
+    return "server_error" if status >= 500 else "not_found_error" if status == 404 else "invalid_request_error"
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
 
@@ -125,7 +130,7 @@ def create_app(
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, err: AdapterError) -> JSONResponse:
-        return error_response(err.status, str(err), "invalid_request_error" if err.status != 404 else "not_found_error", "lora_name", err.code)
+        return error_response(err.status, str(err), _error_type(err.status), "lora_name", err.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -270,8 +275,8 @@ def create_app(
                 t.cancel()
             raise
         if reply.error:
-            kind = "server_error" if reply.status >= 500 else "not_found_error" if reply.status == 404 else "invalid_request_error"
-            raise ApiError(reply.status, reply.error, kind, code="model_not_found" if reply.status == 404 else None)
+            raise ApiError(reply.status, reply.error, _error_type(reply.status),
+                           code="model_not_found" if reply.status == 404 else None)
         return reply.body()
 
     async def _stream(request: Request, events: asyncio.Queue, reply: _Reply, tickets: list, usage: bool) -> AsyncIterator[str]:

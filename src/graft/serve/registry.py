@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from graft import core, io
+from graft.methods.lora import REWRITES_BASE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:/-]{0,127}$")  # no ".": module dict keys cannot hold one
 SERVABLE = {"LORA", "IA3"}  # methods whose layers route each batch row to its own adapter
@@ -35,14 +36,10 @@ class AdapterError(ValueError):
         self.status, self.code = status, code
 
 
-# LoRA inits whose loading rewrites the base weights: on a base every adapter shares, that would change
-# every other adapter's and the base's outputs.
-REWRITES_BASE = ("pissa", "olora", "loftq")
-
-
 def _check_leaves_base_alone(name: str, path: str | Path) -> None:
     config = io.read_config(path)
     init = getattr(core.method_for_peft_type(config["peft_type"]).from_peft(config), "init", "default")
+    # on a base every adapter shares, rewriting it would change every other adapter's and the base's outputs
     if init in REWRITES_BASE:
         raise AdapterError(
             f"adapter {name!r} uses init={init!r}, whose loading rewrites the base weights every served adapter shares; "
