@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/train.py                 # both, side by side, prints ratios
     .venv/bin/python benchmarks/train.py --examples 48   # quicker
 
-Model SmolLM2-135M-Instruct (fp32, CPU), data: GSM8K train problems from ../shared/data/gsm8k in
+Model SmolLM2-135M-Instruct (fp32, CPU; ``--device cuda`` for a GPU, ``--model DIR`` for another
+model directory), data: GSM8K train problems from ../shared/data/gsm8k in
 the Alpaca template (instruction = question, output = worked answer), LoRA r=16 alpha=32
 all-linear, batch 8, max length 512, AdamW lr 2e-4 with 10% warmup then cosine, 1 epoch.
 Each implementation runs in its own subprocess so peak RSS is its own; the reference is the usual
@@ -31,9 +32,9 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
           "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
 
-def rows(n: int) -> list[dict]:
+def rows(n: int, path: Path = DATA) -> list[dict]:
     out = []
-    with open(DATA) as f:
+    with open(path) as f:
         for line in f:
             r = json.loads(line)
             out.append({"instruction": r["question"], "input": "", "output": r["answer"]})
@@ -44,6 +45,12 @@ def rows(n: int) -> list[dict]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
 def encode_reference(tok, row: dict, max_length: int) -> dict:
@@ -63,12 +70,12 @@ def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
     from graft import models
 
     torch.set_num_threads(2)
-    path = models.resolve("smollm2-135m")
+    path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
                                              task_type="CAUSAL_LM"))
-    data = [encode_reference(tok, r, args.max_length) for r in rows(args.examples)]
+    data = [encode_reference(tok, r, args.max_length) for r in rows(args.examples, args.data)]
     supervised = sum(sum(1 for x in d["labels"][1:] if x != -100) for d in data)
     pad = tok.pad_token_id
 
@@ -83,7 +90,7 @@ def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
         output_dir=str(Path(args.tmp) / "ref"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=math.ceil(0.1 * math.ceil(len(data) / args.batch_size)), weight_decay=0.0,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, data_seed=args.seed,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0, bf16=bf16,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collate)
@@ -92,7 +99,7 @@ def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # per-step mean over supervised tokens
     return {"impl": "peft+Trainer" + (" (bf16 autocast)" if bf16 else ""), "seconds": seconds, "supervised_tokens": supervised,
-            "sup_tok_per_s": supervised / seconds, "peak_rss_mb": peak_rss_mb(),
+            "sup_tok_per_s": supervised / seconds, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(args.device),
             "final_loss": sum(losses[-3:]) / len(losses[-3:]), "losses": losses}
 
 
@@ -110,9 +117,10 @@ def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, check
     from graft.train import TrainConfig, train
 
     torch.set_num_threads(2)
-    model, tok = models.load("smollm2-135m")
+    model, tok = models.load(args.model)
     graft.attach(model, graft.LoRA(r=16, alpha=32, targets="all-linear"))
-    examples = data.tokenize(rows(args.examples), tok, format="alpaca", max_length=args.max_length)
+    model.to(args.device)
+    examples = data.tokenize(rows(args.examples, args.data), tok, format="alpaca", max_length=args.max_length)
     collate = recipe.make_collate(model, tok, args.max_length, packed=packing)
     cfg = TrainConfig(lr=args.lr, epochs=1, batch_size=args.batch_size, schedule="cosine", warmup_ratio=0.1,
                       seed=args.seed, selective_logits=selective, gradient_checkpointing=checkpointing,
@@ -124,7 +132,7 @@ def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, check
     on = [k for k, v in (("packing", packing), ("selective", selective), ("ckpt", checkpointing)) if v]
     name = f"graft ({'+'.join(on) or 'plain'}{', bf16 autocast' if bf16 else ', fp32'})"
     return {"impl": name, "seconds": seconds, "supervised_tokens": supervised, "sup_tok_per_s": supervised / seconds,
-            "peak_rss_mb": peak_rss_mb(), "final_loss": result.final_loss, "losses": result.losses}
+            "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(args.device), "final_loss": result.final_loss, "losses": result.losses}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -143,16 +151,19 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default="smollm2-135m", help="built-in name or transformers directory")
+    ap.add_argument("--data", type=Path, default=DATA, help="GSM8K train.jsonl")
     ap.add_argument("--ablate", action="store_true", help="also run graft with each technique alone")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/graft-bench-train")
     args = ap.parse_args()
     if args.child:
         return child(args)
-    if not DATA.exists():
-        print(f"skipped: {DATA} not found (the benchmark reads ../shared/data)")
+    if not args.data.exists():
+        print(f"skipped: {args.data} not found (the benchmark reads ../shared/data)")
         return
-    bf16 = "1" if bf16_supported() else "0"
+    bf16 = "1" if args.device == "cuda" or bf16_supported() else "0"
     # Headline: graft's defaults (packing + selective logits, no gradient checkpointing), fp32 like the reference.
     runs = ["graft,packing=1,selective=1,checkpointing=0,bf16=0", "reference",
             "graft,packing=1,selective=1,checkpointing=1,bf16=0"]
@@ -171,20 +182,28 @@ def main() -> None:
             raise SystemExit(f"{run} failed")
         results.append(json.loads(line[-1][7:]))
         r = results[-1]
+        gpu = f" {r['peak_gpu_mb']:8.0f} MB peak GPU" if r.get("peak_gpu_mb") is not None else ""
         print(f"{r['impl']:<34} {r['seconds']:8.1f}s {r['sup_tok_per_s']:8.1f} sup tok/s "
-              f"{r['peak_rss_mb']:8.0f} MB peak RSS  final loss {r['final_loss']:.4f}", flush=True)
+              f"{r['peak_rss_mb']:8.0f} MB peak RSS{gpu}  final loss {r['final_loss']:.4f}", flush=True)
     g, ref = results[0], results[1]
-    print("\n| run | time (s) | supervised tok/s | peak RSS (MB) | final loss |\n|---|---|---|---|---|")
+    cuda = args.device == "cuda"
+    print("\n| run | time (s) | supervised tok/s | peak RSS (MB) |" + (" peak GPU (MB) |" if cuda else "")
+          + " final loss |\n|---|---|---|---|" + ("---|" if cuda else "") + "---|")
     for r in results:
-        print(f"| {r['impl']} | {r['seconds']:.1f} | {r['sup_tok_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} |")
+        gpu = f" {r['peak_gpu_mb']:.0f} |" if cuda else ""
+        print(f"| {r['impl']} | {r['seconds']:.1f} | {r['sup_tok_per_s']:.1f} | {r['peak_rss_mb']:.0f} |{gpu} "
+              f"{r['final_loss']:.4f} |")
     print(f"\nthroughput ratio graft/reference: {g['sup_tok_per_s'] / ref['sup_tok_per_s']:.2f}x (target >= 2.0x)")
     print(f"peak RSS ratio graft/reference:   {g['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x (target <= 0.6x)")
+    if cuda:
+        print(f"peak GPU memory graft/reference:  {g['peak_gpu_mb'] / ref['peak_gpu_mb']:.2f}x")
     print(f"final loss difference:            {100 * (g['final_loss'] - ref['final_loss']) / ref['final_loss']:+.2f}% "
           "(target within 2%)")
     if len(results) > 4:
         gb, rb = results[3], results[4]
         print(f"bf16 autocast on both sides: throughput {gb['sup_tok_per_s'] / rb['sup_tok_per_s']:.2f}x, "
-              f"peak RSS {gb['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x")
+              f"peak RSS {gb['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x"
+              + (f", peak GPU {gb['peak_gpu_mb'] / rb['peak_gpu_mb']:.2f}x" if cuda else ""))
     for r in results[2:]:
         print(f"{r['impl']}: throughput {r['sup_tok_per_s'] / ref['sup_tok_per_s']:.2f}x, "
               f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, "

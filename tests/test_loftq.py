@@ -123,6 +123,11 @@ def test_bad_loftq_input_is_a_clear_error(tmp_path):
         graft.loftq(tiny_llama(), lora(), iters=0)
     with pytest.raises(ValueError, match="allowed: nf4, fp4"):
         graft.LoRA(init="loftq", loftq_config={"quant_type": "int8"})
+    with pytest.raises(ValueError, match="compute_dtype=torch.int8 is not one of float32, bfloat16, float16"):
+        graft.loftq(tiny_llama(), lora(), compute_dtype=torch.int8)
+    # a torch dtype is taken as quant.quantize takes it, and stored by name
+    from graft.loftq import check_settings
+    assert check_settings({"compute_dtype": torch.float16})["compute_dtype"] == "float16"
     with pytest.raises(ValueError, match="loftq_config is for init='loftq'"):
         graft.LoRA(loftq_config={"iters": 2})
     graft.save(graft.attach(tiny_llama(), lora()), tmp_path / "plain")

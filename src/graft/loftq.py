@@ -55,6 +55,9 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"loftq settings {unknown} are unknown; allowed keys: {', '.join(DEFAULTS)}")
     out = {**DEFAULTS, **settings}
+    named = str(out["compute_dtype"]).removeprefix("torch.")
+    if isinstance(out["compute_dtype"], torch.dtype) and named in _DTYPES:  # torch.bfloat16, as quant.quantize takes it
+        out["compute_dtype"] = named
     if out["quant_type"] not in ("nf4", "fp4"):
         raise ValueError(f"loftq quant_type={out['quant_type']!r} is not supported; allowed: nf4, fp4 (4-bit bases)")
     iters = out["iters"]
