@@ -423,3 +423,25 @@ def test_heldout_loss_keeps_falling_across_restarts():
     assert initial > evals[0] + 0.5, (initial, evals)  # the first merge kept what the first cycle learned
     assert all(later < earlier for earlier, later in itertools.pairwise(evals)), evals
     assert all(m.merged_rank("default") == 24 for _, m in adapter_layers(model))
+
+
+def test_routed_rows_include_the_merged_factors():
+    """A routed batch (ReLoRA rows next to base rows) equals each row alone: after a restart the
+    layer's update is the merged factors plus the current ones, so routing must not take the
+    stacked current factors only."""
+    model = relora_llama(targets=["q_proj", "v_proj"])
+    g = torch.Generator().manual_seed(3)
+    randomize(model, g)
+    state_of(model).methods["default"].restart(model, "default")
+    randomize(model, g)
+    model.eval()
+    ids = torch.randint(0, VOCAB, (3, 10), generator=g)
+    route = ["default", None, "default"]
+    with torch.no_grad(), graft.route(model, route):
+        mixed = model(input_ids=ids).logits
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+        with graft.disabled(model):
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed[[0, 2]], alone[[0, 2]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], base[1], atol=1e-5, rtol=0)

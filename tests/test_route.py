@@ -118,3 +118,24 @@ def test_route_cache_follows_weight_updates():
     torch.testing.assert_close(first[1], second[1], atol=0, rtol=0)  # row "b" is untouched
     with torch.no_grad():
         torch.testing.assert_close(second[:1], alone(model, ids[:1], "a"), atol=1e-5, rtol=0)
+
+
+def test_route_beam_search_copies_follow_their_row():
+    """Beam search expands each row into num_beams copies: every copy takes its row's adapter."""
+    model = three_adapters()
+    prompts = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(5))
+    routing = ["b", None, "c"]
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0, "early_stopping": True}
+    with torch.no_grad(), graft.route(model, routing):
+        mixed = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
+    for i, name in enumerate(routing):
+        row = prompts[i : i + 1]
+        with torch.no_grad():
+            if name is None:
+                with graft.disabled(model):
+                    single = model.generate(row, attention_mask=torch.ones_like(row), **kw)
+            else:
+                graft.activate(model, name)
+                single = model.generate(row, attention_mask=torch.ones_like(row), **kw)
+        n = single.shape[1]
+        assert torch.equal(mixed[i, :n], single[0]), f"row {i} ({name}) differs under beam search"

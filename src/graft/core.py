@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +34,21 @@ class GraftState:
     disabled: bool = False
     routing: list[str | None] | None = None  # one adapter name (or None = base) per batch row
     composition: Composition | None = None  # how the active adapters combine, when not simply summed
-    _route_index: dict[str, Any] = field(default_factory=dict)
+    _route_index: dict[Any, Any] = field(default_factory=dict)  # routing-derived caches, cleared with it
     version: int = 0  # bumped whenever an adapter is attached or detached (layers key caches on it)
+    _layers: Any = field(default=None, repr=False, compare=False)  # (version, weakref to model, layers)
+
+    def layers(self, model: nn.Module) -> list[AdapterLayer]:
+        """``model``'s adapter layers, kept until an adapter is attached or detached.
+
+        Walking the model costs milliseconds (every adapter adds modules to every layer it reaches);
+        ``route`` and ``disabled`` need the layers on every entry. The model is held by a weak
+        reference, so a deep copy (whose state is copied along) walks its own modules once.
+        """
+        cached = self._layers
+        if cached is None or cached[0] != self.version or cached[1]() is not model:
+            cached = self._layers = (self.version, weakref.ref(model), [layer for _, layer in adapter_layers(model)])
+        return cached[2]
 
     def route_index(self, device: torch.device) -> torch.Tensor:
         """(batch,) long tensor: position of each row's adapter in ``route_names``, -1 for base."""
@@ -47,36 +61,62 @@ class GraftState:
 
     def route_names(self) -> list[str]:
         """The distinct adapter names of the current routing, sorted (stable as rows come and go)."""
-        return sorted({n for n in self.routing or [] if n is not None})
+        names = self._route_index.get("names")
+        if names is None:
+            names = self._route_index["names"] = sorted({n for n in self.routing or [] if n is not None})
+        return names
 
-    def route_groups(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rows grouped by adapter, for one batched matmul per layer over all adapters.
+    def route_plan(self, batch: int, device: torch.device) -> RoutePlan:
+        """The routing of a ``batch``-row input grouped by adapter, built once per routing and shape.
 
-        Args:
-            index: (batch,) adapter position of each row (``-1`` = base), as ``row_index`` gives.
-
-        Returns:
-            ``gather`` (n, g): the rows of adapter j, padded to the largest group g by repeating
-            its first row; ``scatter`` (n, g): the same rows with padding sent to row ``batch``
-            (a spill row the caller drops); ``valid`` (m,): the positions in the flattened groups
-            that are real rows, and ``rows`` (m,): those rows. Base rows appear in none.
+        Rows repeat in blocks for beam or sampled copies (``batch`` a multiple of the routing's length).
         """
-        key = f"groups:{index.device}:{index.numel()}"
-        if key not in self._route_index:
-            rows = index.tolist()
-            groups = [[i for i, j in enumerate(rows) if j == k] for k in range(len(self.route_names()))]
-            width = max((len(g) for g in groups), default=0)
-            gather = [g + [g[0]] * (width - len(g)) if g else [0] * width for g in groups]
-            scatter = [g + [len(rows)] * (width - len(g)) for g in groups]
-            flat = [r for g in scatter for r in g]
-            valid = [i for i, r in enumerate(flat) if r < len(rows)]
-            self._route_index[key] = (
-                torch.tensor(gather, dtype=torch.long, device=index.device).view(len(groups), width),
-                torch.tensor(scatter, dtype=torch.long, device=index.device).view(len(groups), width),
-                torch.tensor(valid, dtype=torch.long, device=index.device),
-                torch.tensor([flat[i] for i in valid], dtype=torch.long, device=index.device),
-            )
-        return self._route_index[key]
+        key = ("plan", batch, device)
+        plan = self._route_index.get(key)
+        if plan is None:
+            plan = self._route_index[key] = _plan(self.route_names(), self._expanded(batch), device)
+        return plan
+
+    def _expanded(self, batch: int) -> list[int]:
+        names = self.route_names()
+        idx = [-1 if n is None else names.index(n) for n in self.routing or []]
+        if len(idx) == batch:
+            return idx
+        if idx and batch % len(idx) == 0:
+            return [i for i in idx for _ in range(batch // len(idx))]
+        raise ValueError(f"graft.route was given {len(idx)} adapter names but the batch has {batch} rows")
+
+
+class RoutePlan(NamedTuple):
+    """One routed batch grouped by adapter (see ``GraftState.route_plan``).
+
+    ``names``: the adapters, in the order of the groups; ``gather`` (n, g): the rows of adapter j,
+    padded to the largest group g by repeating its first row; ``inverse`` (batch,): each row's
+    entry in the flattened (n * g) groups, base rows pointing at entry 0; ``base_rows`` (batch,):
+    0.0 on base rows and 1.0 elsewhere, or None when every row has an adapter.
+    """
+
+    names: list[str]
+    gather: torch.Tensor
+    inverse: torch.Tensor
+    base_rows: torch.Tensor | None
+
+
+def _plan(names: list[str], index: list[int], device: torch.device) -> RoutePlan:
+    groups = [[i for i, j in enumerate(index) if j == k] for k in range(len(names))]
+    width = max((len(g) for g in groups), default=0)
+    inverse = [0] * len(index)
+    for k, g in enumerate(groups):
+        for pos, row in enumerate(g):
+            inverse[row] = k * width + pos
+    gather = [g + [g[0]] * (width - len(g)) if g else [0] * width for g in groups]
+    has_base = any(j < 0 for j in index)
+    return RoutePlan(
+        names=names,
+        gather=torch.tensor(gather, dtype=torch.long, device=device).view(len(groups), width),
+        inverse=torch.tensor(inverse, dtype=torch.long, device=device),
+        base_rows=torch.tensor([float(j >= 0) for j in index], device=device) if has_base else None,
+    )
 
 
 def state_of(model: nn.Module, *, create: bool = False) -> GraftState:
@@ -483,8 +523,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter is bypassed inside the block."""
     state = state_of(model)
-    merged = [lname for lname, layer in adapter_layers(model) if layer.merged]
-    if merged:
+    if any(layer.merged for layer in state.layers(model)):
+        merged = [lname for lname, layer in adapter_layers(model) if layer.merged]
         raise RuntimeError(f"adapters are merged into {merged[:3]}...; call graft.unmerge(model) before disabling")
     previous, state.disabled = state.disabled, True
     try:
@@ -502,8 +542,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     state = state_of(model)
     names = list(names)
     _check_names(state, [n for n in names if n is not None])
-    merged = [lname for lname, layer in adapter_layers(model) if layer.merged]
-    if merged:
+    if any(layer.merged for layer in state.layers(model)):
         raise RuntimeError("graft.route needs unmerged adapters; call graft.unmerge(model) first")
     with routing_unchecked(state, names):
         yield model

@@ -65,7 +65,7 @@ from torch import nn
 from graft import targets as tg
 from graft.core import AdapterLayer, GraftState, TargetedMethod, adapter_layers, register
 from graft.methods.heads import apply_modules_to_save, heads_to_save, modules_to_save_count
-from graft.methods.lora import LoRA, LoraLinear, LoraSpec, in_out_features, init_default, routed_loop
+from graft.methods.lora import LoRA, LoraLinear, LoraSpec, in_out_features, init_default
 
 RESETS = ("magnitude", "random", "full")
 ADAM_STATES = ("exp_avg", "exp_avg_sq")  # the states ReLoRA prunes; "step" is kept, as in the reference
@@ -356,8 +356,9 @@ class ReloraLinear(LoraLinear):
         merged = self._merged(x, name)
         return out if merged is None else out + merged
 
-    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return routed_loop(self, x, self._state.route_names())  # per adapter: current + merged factors
+    def _needs_loop(self, names: list[str]) -> bool:
+        """Routed rows go adapter by adapter: each one's update is its merged plus its current factors."""
+        return True
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · (B A + B_m A_m) in fp32, (d_out, d_in): what graft.merge folds into W."""
