@@ -484,30 +484,33 @@ class Models:
     peft_multi: Any  # PeftModel holding all adapters
 
 
-def build_models(tmp: Path) -> Models:
+def peft_adapters(base: torch.nn.Module, tmp: Path, n: int = N_ADAPTERS, dora: bool = False) -> tuple[Any, dict[str, Path]]:
+    """A PeftModel on a copy of ``base`` with ``n`` LoRA adapters (r=16, all-linear, B randomised),
+    saved under ``tmp``; returns it and each adapter's directory."""
     from peft import LoraConfig, get_peft_model
 
-    import graft.models
-
-    base, _ = graft.models.load("smollm2-135m")
-    base.eval()
-    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_dora=dora)
+    names = [f"a{i}" for i in range(n)]
     torch.manual_seed(0)
     peft_multi = get_peft_model(copy.deepcopy(base), cfg, adapter_name=names[0])
-    for n in names[1:]:
-        peft_multi.add_adapter(n, cfg)
+    for name in names[1:]:
+        peft_multi.add_adapter(name, cfg)
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for pname, p in peft_multi.named_parameters():
             if ".lora_B." in pname:  # peft starts B at zero; make every adapter do something
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.device, p.dtype))
     peft_multi.eval()
     peft_multi.save_pretrained(tmp, selected_adapters=names)
-    dirs = {}
-    for n in names:
-        d = tmp / n if (tmp / n / "adapter_config.json").exists() else tmp
-        dirs[n] = d
+    return peft_multi, {x: tmp / x if (tmp / x / "adapter_config.json").exists() else tmp for x in names}
+
+
+def build_models(tmp: Path) -> Models:
+    import graft.models
+
+    base, _ = graft.models.load("smollm2-135m")
+    base.eval()
+    peft_multi, dirs = peft_adapters(base, tmp)
     return Models(base=base, adapter_dirs=dirs, peft_multi=peft_multi)
 
 

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from core import N_ADAPTERS, peft_adapters  # benchmarks/ is on sys.path when a script here runs
+from train import DATA, rows
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-N_ADAPTERS = 8
 DEV = torch.device("cuda")
 RESULTS: dict[str, Any] = {}
 
@@ -92,6 +91,16 @@ def ratio(times: dict[str, list[float]], ours: str, ref: str) -> float:
     return statistics.median(a / b for a, b in zip(times[ours], times[ref], strict=True))
 
 
+def timed(key: str, label: str, times: dict[str, list[float]], pairs: tuple[tuple[str, str, float | None], ...]) -> None:
+    """Print and record median times (ms) and the paired ratios ``ours/ref`` (with their targets)."""
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ratios = {f"{a}/{b}": ratio(times, a, b) for a, b, _ in pairs}
+    shown = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+    verdicts = ", ".join(f"{a}/{b} {ratios[f'{a}/{b}']:.3f}" + (f" (target <= {t})" if t else "") for a, b, t in pairs)
+    say(f"  {label}: {shown} | {verdicts}")
+    RESULTS[key] = {**med, **ratios}
+
+
 # --------------------------------------------------------------------------------------------
 # model
 
@@ -115,27 +124,6 @@ def load_base(model: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
 
     m, tok = graft.models.load(model, dtype=dtype)
     return m.to(DEV).eval(), tok
-
-
-def peft_adapters(base: Any, tmp: Path, dora: bool = False, n: int = N_ADAPTERS) -> tuple[Any, dict[str, Path]]:
-    """A PeftModel with ``n`` randomised (B != 0) LoRA adapters, saved under ``tmp``."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_dora=dora)
-    names = [f"a{i}" for i in range(n)]
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(base), cfg, adapter_name=names[0])
-    for name in names[1:]:
-        pm.add_adapter(name, cfg)
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for pname, p in pm.named_parameters():
-            if ".lora_B." in pname:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.device, p.dtype))
-    pm.eval()
-    pm.save_pretrained(tmp, selected_adapters=names)
-    dirs = {x: (tmp / x if (tmp / x / "adapter_config.json").exists() else tmp) for x in names}
-    return pm, dirs
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +153,9 @@ def section_parity(args: argparse.Namespace, tmp: Path) -> None:
         pm.set_adapter("a0")
         check("parity/lora r16 all-linear: graft vs peft max|dlogits|", diff(g(input_ids=ids).logits, pm(input_ids=ids).logits), 1e-4)
         # mixed batch: 32 rows over 8 adapters + base rows, vs peft adapter_names and vs alone
-        rows = 32
-        names: list[str | None] = [f"a{i % N_ADAPTERS}" if i % 9 != 8 else None for i in range(rows)]
-        x = torch.randint(0, vocab, (rows, 16), generator=gen).to(DEV)
+        n_rows = 32
+        names: list[str | None] = [f"a{i % N_ADAPTERS}" if i % 9 != 8 else None for i in range(n_rows)]
+        x = torch.randint(0, vocab, (n_rows, 16), generator=gen).to(DEV)
         with graft.route(g, names):
             routed = g(input_ids=x).logits
         ref = pm(input_ids=x, adapter_names=[n if n is not None else "__base__" for n in names]).logits
@@ -221,7 +209,7 @@ def section_parity(args: argparse.Namespace, tmp: Path) -> None:
     model = copy.deepcopy(base)
     graft.attach(model, graft.LoRA(r=16, alpha=32, targets="all-linear", init="gaussian"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    examples = data.tokenize(gsm8k(args.data, 16), tok, format="alpaca", max_length=512)
+    examples = data.tokenize(rows(16, args.data), tok, format="alpaca", max_length=512)
     collate = recipe.make_collate(model, tok, 512, packed=True)
     train(model, examples, collate, TrainConfig(lr=1e-3, batch_size=8, max_steps=2, progress=False))
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
@@ -232,17 +220,6 @@ def section_parity(args: argparse.Namespace, tmp: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # QLoRA
-
-
-def gsm8k(path: Path, n: int) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            out.append({"instruction": r["question"], "input": "", "output": r["answer"]})
-            if len(out) == n:
-                break
-    return out
 
 
 def _train_run(args: argparse.Namespace, label: str, quantize: str | None, init: str = "default") -> dict:
@@ -264,7 +241,7 @@ def _train_run(args: argparse.Namespace, label: str, quantize: str | None, init:
             graft.prepare_kbit_training(base, gradient_checkpointing=False)
         graft.attach(base, lora)
     setup = time.perf_counter() - t0
-    examples = data.tokenize(gsm8k(args.data, args.qlora_examples), tok, format="alpaca", max_length=512)
+    examples = data.tokenize(rows(args.qlora_examples, args.data), tok, format="alpaca", max_length=512)
     collate = recipe.make_collate(base, tok, 512, packed=True)
     cfg = TrainConfig(lr=2e-4, batch_size=8, schedule="cosine", warmup_ratio=0.1, seed=0, autocast="bf16",
                       progress=False, max_grad_norm=1.0)
@@ -358,12 +335,8 @@ def _time_dtype(args: argparse.Namespace, tmp: Path, dtype: torch.dtype) -> None
             x = torch.randint(0, vocab, (b, s), generator=gen).to(DEV)
             t = median_times({"graft": lambda x=x: g1(input_ids=x), "peft": lambda x=x: pm(input_ids=x),
                               "merged": lambda x=x: gm(input_ids=x), "base": lambda x=x: base(input_ids=x)}, args.reps)
-            med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-            say(f"  {dn} (b) forward {b}x{s}: graft {med['graft']:.2f} ms, peft {med['peft']:.2f} ms, "
-                f"merged {med['merged']:.2f} ms, base {med['base']:.2f} ms | graft/peft {ratio(t, 'graft', 'peft'):.3f} "
-                f"(target <= 1.0), merged/base {ratio(t, 'merged', 'base'):.3f} (target <= 1.03)")
-            RESULTS[f"timing/{dn}/b/{b}x{s}"] = {**med, "graft/peft": ratio(t, "graft", "peft"),
-                                                 "merged/base": ratio(t, "merged", "base")}
+            timed(f"timing/{dn}/b/{b}x{s}", f"{dn} (b) forward {b}x{s}", t,
+                  (("graft", "peft", 1.0), ("merged", "base", 1.03)))
         g = copy.deepcopy(base)
         for n, d in dirs.items():
             graft.load(g, d, name=n)
@@ -386,12 +359,8 @@ def _time_dtype(args: argparse.Namespace, tmp: Path, dtype: torch.dtype) -> None
         check(f"timing/{dn} (c) prefill graft vs peft max|dlogits|", diff(og.logits, op.logits), tol)
         cg, cp, cb = og.past_key_values, op.past_key_values, b_fwd(ids, use_cache=True).past_key_values
         t = median_times({"graft": lambda: g_fwd(ids), "peft": lambda: p_fwd(ids), "base": lambda: b_fwd(ids)}, args.reps)
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-        say(f"  {dn} (c) mixed prefill 8 adapters/32x32: graft {med['graft']:.2f} ms, peft {med['peft']:.2f} ms, "
-            f"base {med['base']:.2f} ms | graft/peft {ratio(t, 'graft', 'peft'):.3f} (target <= 0.5), "
-            f"graft/base {ratio(t, 'graft', 'base'):.3f}")
-        RESULTS[f"timing/{dn}/c/prefill"] = {**med, "graft/peft": ratio(t, "graft", "peft"),
-                                             "graft/base": ratio(t, "graft", "base")}
+        timed(f"timing/{dn}/c/prefill", f"{dn} (c) mixed prefill, 8 adapters / 32x32", t,
+              (("graft", "peft", 0.5), ("graft", "base", None)))
 
         # decode: a fresh cache copy per call would dominate a GPU decode step; crop the cache back instead
         def step(fwd: Callable[..., Any], cache: Any) -> Callable[[], Any]:
@@ -402,12 +371,8 @@ def _time_dtype(args: argparse.Namespace, tmp: Path, dtype: torch.dtype) -> None
             return run
 
         t = median_times({"graft": step(g_fwd, cg), "peft": step(p_fwd, cp), "base": step(b_fwd, cb)}, args.reps)
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-        say(f"  {dn} (c) mixed decode step 8 adapters/32 rows, KV 32: graft {med['graft']:.2f} ms, "
-            f"peft {med['peft']:.2f} ms, base {med['base']:.2f} ms | graft/peft {ratio(t, 'graft', 'peft'):.3f} "
-            f"(target <= 0.5), graft/base {ratio(t, 'graft', 'base'):.3f}")
-        RESULTS[f"timing/{dn}/c/decode"] = {**med, "graft/peft": ratio(t, "graft", "peft"),
-                                            "graft/base": ratio(t, "graft", "base")}
+        timed(f"timing/{dn}/c/decode", f"{dn} (c) mixed decode step, 8 adapters / 32 rows, KV 32", t,
+              (("graft", "peft", 0.5), ("graft", "base", None)))
 
 
 SECTIONS = {"parity": section_parity, "qlora": section_qlora, "timing": section_timing}

@@ -33,6 +33,15 @@ def alone(model, ids_row, name):
     return model(ids_row).logits
 
 
+@torch.no_grad()
+def generate_alone(model, row, name, kw):
+    if name is None:
+        with graft.disabled(model):
+            return model.generate(row, attention_mask=torch.ones_like(row), **kw)
+    graft.activate(model, name)
+    return model.generate(row, attention_mask=torch.ones_like(row), **kw)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_route_logits_match_rows_alone(arch):
     model = three_adapters(arch)
@@ -56,14 +65,7 @@ def test_route_greedy_generation_matches_rows_alone():
     with torch.no_grad(), graft.route(model, routing):
         mixed = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
     for i, name in enumerate(routing):
-        row = prompts[i : i + 1]
-        with torch.no_grad():
-            if name is None:
-                with graft.disabled(model):
-                    single = model.generate(row, attention_mask=torch.ones_like(row), **kw)
-            else:
-                graft.activate(model, name)
-                single = model.generate(row, attention_mask=torch.ones_like(row), **kw)
+        single = generate_alone(model, prompts[i : i + 1], name, kw)
         n = single.shape[1]  # a row that hit EOS alone is padded (pad_token_id 0) in the batch
         assert torch.equal(mixed[i, :n], single[0]), f"row {i} ({name}) generated differently in the mixed batch"
         assert (mixed[i, n:] == 0).all()
@@ -129,13 +131,6 @@ def test_route_beam_search_copies_follow_their_row():
     with torch.no_grad(), graft.route(model, routing):
         mixed = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
     for i, name in enumerate(routing):
-        row = prompts[i : i + 1]
-        with torch.no_grad():
-            if name is None:
-                with graft.disabled(model):
-                    single = model.generate(row, attention_mask=torch.ones_like(row), **kw)
-            else:
-                graft.activate(model, name)
-                single = model.generate(row, attention_mask=torch.ones_like(row), **kw)
+        single = generate_alone(model, prompts[i : i + 1], name, kw)
         n = single.shape[1]
         assert torch.equal(mixed[i, :n], single[0]), f"row {i} ({name}) differs under beam search"
