@@ -134,3 +134,21 @@ def test_route_beam_search_copies_follow_their_row():
         single = generate_alone(model, prompts[i : i + 1], name, kw)
         n = single.shape[1]
         assert torch.equal(mixed[i, :n], single[0]), f"row {i} ({name}) differs under beam search"
+
+
+def test_base_rows_stay_exact_when_an_adapter_row_overflows():
+    """A base row in a routed batch gets no adapter term at all: not even a NaN from another row's
+    overflowing delta (fp16 adapters can overflow)."""
+    model = three_adapters()
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for name, p in adapter_parameters(model, "a").items():
+            if "lora_B" in name:
+                p.fill_(float("inf"))
+        with graft.route(model, ["a", None, "b"]):
+            mixed = model(ids).logits
+        with graft.disabled(model):
+            base = model(ids[1:2]).logits
+    assert not torch.isfinite(mixed[0]).all()  # the overflowing row really overflows
+    torch.testing.assert_close(mixed[1:2], base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[2:3], alone(model, ids[2:3], "b"), atol=1e-5, rtol=0)

@@ -93,7 +93,7 @@ class RoutePlan(NamedTuple):
     ``names``: the adapters, in the order of the groups; ``gather`` (n, g): the rows of adapter j,
     padded to the largest group g by repeating its first row; ``inverse`` (batch,): each row's
     entry in the flattened (n * g) groups, base rows pointing at entry 0; ``base_rows`` (batch,):
-    0.0 on base rows and 1.0 elsewhere, or None when every row has an adapter.
+    True on base rows, or None when every row has an adapter.
     """
 
     names: list[str]
@@ -115,7 +115,7 @@ def _plan(names: list[str], index: list[int], device: torch.device) -> RoutePlan
         names=names,
         gather=torch.tensor(gather, dtype=torch.long, device=device).view(len(groups), width),
         inverse=torch.tensor(inverse, dtype=torch.long, device=device),
-        base_rows=torch.tensor([float(j >= 0) for j in index], device=device) if has_base else None,
+        base_rows=torch.tensor([j < 0 for j in index], dtype=torch.bool, device=device) if has_base else None,
     )
 
 

@@ -531,8 +531,8 @@ class LoraLinear(AdapterLayer):
         delta = torch.bmm(torch.bmm(grouped.to(a.dtype), a), b)  # (n, g*seq, d_out)
         delta = delta.reshape(-1, *x.shape[1:-1], self.out_features)  # (n*g, seq, d_out)
         delta = delta.index_select(0, plan.inverse)  # (batch, seq, d_out), row order
-        if plan.base_rows is not None:  # base rows took some adapter's entry: zero them
-            delta = delta * plan.base_rows.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
+        if plan.base_rows is not None:  # base rows took some adapter's entry: zero them (a fill, so an inf there cannot leak)
+            delta = delta.masked_fill(plan.base_rows.view(-1, *([1] * (delta.dim() - 1))), 0.0)
         if torch.is_grad_enabled():
             return out + delta.to(out.dtype)
         return out.add_(delta.to(out.dtype))
