@@ -496,7 +496,7 @@ class LoraLinear(AdapterLayer):
         )
 
     def _route_mode(self, names: list[str]) -> str:
-        """"skip" (no routed adapter reaches this layer), "loop" or "stack"; cached per routing."""
+        """This layer's routed path: "skip" (no routed adapter reaches it), "loop" or "stack"; cached per routing."""
         key = (id(names), self._state.version, self.training)
         cached = self._mode_cache
         if cached is not None and cached[0] == key and cached[1] is names:
