@@ -500,3 +500,27 @@ def test_bad_train_calls(tmp_path):
     with pytest.raises(ValueError, match="different data order .*'seed'"):
         train(lora_llama(), make_examples(4), collate, config(max_steps=2, save_every=1, out_dir=tmp_path, seed=9),
               resume=True)
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_head_cross_entropy_gradient_formed_in_forward_is_exact(cap):
+    """The fused head loss (x's gradient computed in its forward) equals autograd through the plain
+    head and cross-entropy. Both take the cross-entropy in fp32 (also for these float64 inputs), so
+    they agree to fp32 rounding: rtol 1e-5."""
+    from graft.train.loss import _head_loss, _HeadCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).double().requires_grad_(False)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    ours = _HeadCrossEntropy.apply(x, head.weight, targets, cap) * 0.5  # an upstream gradient != 1
+    ours.backward()
+    gx = x.grad.clone()
+    x.grad = None
+    ref = _head_loss(head, x, targets, cap) * 0.5
+    ref.backward()
+    torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
+    torch.testing.assert_close(gx, x.grad, atol=1e-8, rtol=1e-5)
+    assert gx.abs().max() > 1e-3  # a gradient that can be wrong
+    with pytest.raises(ValueError, match="frozen head"):
+        _HeadCrossEntropy.apply(x, head.weight.requires_grad_(True), targets, cap)

@@ -877,8 +877,10 @@ def _outside(shape: _Shape, s: _Settings, act: int, q_len: int, full: bool, embe
     if full:  # the token (and GPT-2's position) embeddings keep their int64 ids for the gradient
         kept += 8 * q_len * (2 if shape.family == "gpt2" else 1)
     rows = s.seq_len - 1  # supervised positions of one row
-    # hidden[:, :-1][keep]: the bool mask, the rows the chunked head reads and their int64 targets
-    kept += rows + rows * (h * act + 8)
+    # hidden[:, :-1][keep]: the bool mask, and per row what the chunked head keeps for backward: a frozen
+    # head the gradient of its input rows (formed in forward), a trainable one (full) the rows and their
+    # int64 targets (checkpointed)
+    kept += rows + rows * (h * act + (8 if full else 0))
     chunk = min(s.logits_chunk, rows * s.batch)
     transient = 12.0 * chunk * shape.vocab  # fp32 log-softmax + two fp32 gradients of one chunk
     if full and rows * s.batch > s.logits_chunk:

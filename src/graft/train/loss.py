@@ -4,9 +4,12 @@ The causal-LM loss has two paths with the same value:
 
 * **selective logits** (the default): run the backbone for hidden states, keep only the positions
   whose next-token label is supervised, and apply the output head to those rows in chunks of
-  ``logits_chunk``, each under ``torch.utils.checkpoint``. The (batch, seq, vocab) logits tensor is
-  never built: at most one (chunk, vocab) block exists at a time, in forward and in backward. With a
-  49k vocabulary and 4k tokens per batch that is ~0.8 GB of fp32 logits (plus their gradient) saved.
+  ``logits_chunk``. The (batch, seq, vocab) logits tensor is never built: at most one (chunk, vocab)
+  block exists at a time. With a 49k vocabulary and 4k tokens per batch that is ~0.8 GB of fp32
+  logits (plus their gradient) saved. A plain head (``nn.Linear`` without bias) forms each chunk's
+  gradients in the forward pass (:class:`_HeadCrossEntropy`) and keeps only the (chunk, dim) gradient
+  of its input; a head with an adapter runs each chunk under ``torch.utils.checkpoint``, which
+  rebuilds the chunk's logits in backward (one head matmul more).
 * **plain**: the model's own forward, then cross-entropy on its logits. Used when the selective path
   cannot reproduce the model's logits (see :func:`selective_fallback_reason`).
 
@@ -92,15 +95,60 @@ def _selective_sum(model: nn.Module, inputs: dict[str, Any], labels: torch.Tenso
         return rows.float().sum()  # nothing supervised: an exact zero that still has a graph to backward
     head = model.get_output_embeddings()
     cap = softcap(model)
+    # A frozen plain head (LoRA and the like): x's gradient can be formed in forward. A trainable head
+    # (full fine-tuning) would have to keep a (vocab, dim) weight gradient per chunk until backward.
+    fused = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk):
         x, t = rows[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled():
-            # Only x is saved for backward; the chunk's logits are rebuilt there, one chunk at a time.
-            total = total + checkpoint(_head_loss, head, x, t, cap, use_reentrant=False)
-        else:
+        if not torch.is_grad_enabled():
             total = total + _head_loss(head, x, t, cap)
+        elif fused:
+            total = total + _HeadCrossEntropy.apply(x, head.weight, t, cap)
+        else:
+            # A head with an adapter, a bias or a trainable weight: only x is saved for backward, and
+            # the chunk's logits are rebuilt there, one chunk at a time.
+            total = total + checkpoint(_head_loss, head, x, t, cap, use_reentrant=False)
     return total
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum CE(softcap(x Wᵀ), t) for one chunk of a frozen head, with x's gradient formed in forward.
+
+    The loss is a scalar, so d loss / d logits = softmax - onehot is known as soon as the logits
+    are; multiplying it into W right away leaves only the (chunk, dim) gradient of x to keep, the
+    size of the x that checkpointing would keep. The (chunk, vocab) logits never outlive the
+    forward, and the backward does not rebuild them: one head matmul fewer per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                cap: float | None) -> torch.Tensor:
+        if ctx.needs_input_grad[1]:
+            raise ValueError("_HeadCrossEntropy is for a frozen head; a trainable one takes the checkpointed path")
+        logits = F.linear(x, weight).float()  # under autocast, in its dtype: as head(x) would be
+        if cap:
+            squashed = torch.tanh(logits / cap)
+            logits = squashed * cap
+        # log_softmax, then exp of it for the softmax: the same arithmetic as cross_entropy's autograd
+        logp = torch.log_softmax(logits, dim=-1)
+        del logits
+        loss = -logp.gather(1, targets[:, None]).sum()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad = logp.exp_()  # softmax, in place
+            grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+            if cap:
+                grad.mul_(1.0 - squashed.square())  # d(cap·tanh(z / cap)) / dz
+            grad = grad.to(x.dtype if torch.is_autocast_enabled(x.device.type) else weight.dtype)
+            grad_x = F.linear(grad, weight.t()).to(x.dtype)  # grad @ W
+        ctx.save_for_backward(grad_x)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_x,) = ctx.saved_tensors
+        return None if grad_x is None else grad_x * grad_out.to(grad_x.dtype), None, None, None
 
 
 def _head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
