@@ -152,3 +152,28 @@ def test_base_rows_stay_exact_when_an_adapter_row_overflows():
     assert not torch.isfinite(mixed[0]).all()  # the overflowing row really overflows
     torch.testing.assert_close(mixed[1:2], base, atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed[2:3], alone(model, ids[2:3], "b"), atol=1e-5, rtol=0)
+
+
+def test_merged_check_follows_attach_and_deep_copies():
+    """route/disabled check merged layers on a cached layer list: it must see new adapters and a
+    deep copy's own layers (the copy carries the cache along)."""
+    import copy
+
+    model = three_adapters()
+    with graft.route(model, ["a", "b"]):  # fills the cache
+        pass
+    graft.attach(model, graft.LoRA(r=2, targets=["lm_head"]), name="d")  # a new layer, after the cache
+    graft.activate(model, "d")
+    graft.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"), graft.route(model, ["a", None]):
+        pass
+    graft.unmerge(model)
+    twin = copy.deepcopy(model)
+    graft.activate(twin, "a")
+    graft.merge(twin)  # only the copy is merged
+    with graft.route(model, ["a", None]):
+        pass
+    with pytest.raises(RuntimeError, match="unmerge"), graft.route(twin, ["a", None]):
+        pass
+    with pytest.raises(RuntimeError, match="unmerge"), graft.disabled(twin):
+        pass
