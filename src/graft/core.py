@@ -50,15 +50,6 @@ class GraftState:
             cached = self._layers = (self.version, weakref.ref(model), [layer for _, layer in adapter_layers(model)])
         return cached[2]
 
-    def route_index(self, device: torch.device) -> torch.Tensor:
-        """(batch,) long tensor: position of each row's adapter in ``route_names``, -1 for base."""
-        key = str(device)
-        if key not in self._route_index:
-            names = self.route_names()
-            idx = [-1 if n is None else names.index(n) for n in self.routing or []]
-            self._route_index[key] = torch.tensor(idx, dtype=torch.long, device=device)
-        return self._route_index[key]
-
     def route_names(self) -> list[str]:
         """The distinct adapter names of the current routing, sorted (stable as rows come and go)."""
         names = self._route_index.get("names")
@@ -90,13 +81,15 @@ class GraftState:
 class RoutePlan(NamedTuple):
     """One routed batch grouped by adapter (see ``GraftState.route_plan``).
 
-    ``names``: the adapters, in the order of the groups; ``gather`` (n, g): the rows of adapter j,
+    ``names``: the adapters, in the order of the groups; ``index`` (batch,): each row's position in
+    ``names``, -1 for base rows; ``gather`` (n, g): the rows of adapter j,
     padded to the largest group g by repeating its first row; ``inverse`` (batch,): each row's
     entry in the flattened (n * g) groups, base rows pointing at entry 0; ``base_rows`` (batch,):
     True on base rows, or None when every row has an adapter.
     """
 
     names: list[str]
+    index: torch.Tensor
     gather: torch.Tensor
     inverse: torch.Tensor
     base_rows: torch.Tensor | None
@@ -113,6 +106,7 @@ def _plan(names: list[str], index: list[int], device: torch.device) -> RoutePlan
     has_base = any(j < 0 for j in index)
     return RoutePlan(
         names=names,
+        index=torch.tensor(index, dtype=torch.long, device=device),
         gather=torch.tensor(gather, dtype=torch.long, device=device).view(len(groups), width),
         inverse=torch.tensor(inverse, dtype=torch.long, device=device),
         base_rows=torch.tensor([j < 0 for j in index], dtype=torch.bool, device=device) if has_base else None,
@@ -177,13 +171,8 @@ class AdapterLayer(nn.Module):
         return self._state.routing is not None and not self._state.disabled
 
     def row_index(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Per-row adapter positions (into ``state.route_names()``), expanded for beam/sample copies."""
-        idx = self._state.route_index(device)
-        if idx.numel() == batch:
-            return idx
-        if idx.numel() and batch % idx.numel() == 0:
-            return idx.repeat_interleave(batch // idx.numel())
-        raise ValueError(f"graft.route was given {idx.numel()} adapter names but the batch has {batch} rows")
+        """Per-row adapter positions (into ``state.route_names()``, -1 = base), expanded for beam/sample copies."""
+        return self._state.route_plan(batch, device).index
 
     # ---- the protocol
     def add(self, name: str, config: Any) -> None:

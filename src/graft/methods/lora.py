@@ -497,9 +497,9 @@ class LoraLinear(AdapterLayer):
 
     def _route_mode(self, names: list[str]) -> str:
         """This layer's routed path: "skip" (no routed adapter reaches it), "loop" or "stack"; cached per routing."""
-        key = (id(names), self._state.version, self.training)
+        key = (self._state.version, self.training)
         cached = self._mode_cache
-        if cached is not None and cached[0] == key and cached[1] is names:
+        if cached is not None and cached[1] is names and cached[0] == key:  # names: one list per routing
             return cached[2]
         if not any(n in self.lora_A for n in names):
             mode = "skip"

@@ -6,10 +6,11 @@ The causal-LM loss has two paths with the same value:
   whose next-token label is supervised, and apply the output head to those rows in chunks of
   ``logits_chunk``. The (batch, seq, vocab) logits tensor is never built: at most one (chunk, vocab)
   block exists at a time. With a 49k vocabulary and 4k tokens per batch that is ~0.8 GB of fp32
-  logits (plus their gradient) saved. A plain head (``nn.Linear`` without bias) forms each chunk's
-  gradients in the forward pass (:class:`_HeadCrossEntropy`) and keeps only the (chunk, dim) gradient
-  of its input; a head with an adapter runs each chunk under ``torch.utils.checkpoint``, which
-  rebuilds the chunk's logits in backward (one head matmul more).
+  logits (plus their gradient) saved. A frozen plain head (``nn.Linear`` without bias) forms each
+  chunk's input gradient in the forward pass (:class:`_HeadCrossEntropy`) and keeps only that
+  (chunk, dim) gradient; any other head (an adapter on it, a bias, a trainable weight) runs each
+  chunk under ``torch.utils.checkpoint``, which rebuilds the chunk's logits in backward (one head
+  matmul more).
 * **plain**: the model's own forward, then cross-entropy on its logits. Used when the selective path
   cannot reproduce the model's logits (see :func:`selective_fallback_reason`).
 
