@@ -27,13 +27,13 @@ from typing import Any
 
 __all__ = [
     "Task",
+    "evaluate",
     "family",
     "messages",
     "options",
     "read_tasks",
     "score",
     "split_rows",
-    "evaluate",
 ]
 
 # Families of tasks that share a source in ../shared/data/tasks (its SOURCE.md): a held-out task
@@ -82,7 +82,7 @@ class Task:
                 if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(
                     row.get("output"), str
                 ):
-                    raise ValueError(f"{self.file}:{line_no}: a row needs string 'input' and 'output' fields")
+                    raise ValueError(f"{self.file}:{line_no}: a row needs string 'input' and 'output' fields")  # noqa: TRY004 (a user file)
                 rows.append(row)
         if not rows:
             raise ValueError(f"{self.file} holds no rows")
@@ -108,7 +108,7 @@ def read_tasks(index: str | Path) -> list[Task]:
         raise FileNotFoundError(f"task index {str(index)!r} does not exist (a task collection's index.json)")
     entries = json.loads(index.read_text(encoding="utf-8"))
     if not isinstance(entries, list):
-        raise ValueError(f"{index} must hold a list of task entries, not a {type(entries).__name__}")
+        raise ValueError(f"{index} must hold a list of task entries, not a {type(entries).__name__}")  # noqa: TRY004
     tasks, seen = [], set()
     for i, entry in enumerate(entries):
         missing = [k for k in ("task", "description", "file") if not isinstance(entry.get(k), str)]
@@ -134,7 +134,7 @@ def family(name: str) -> str | None:
     return None
 
 
-def split_rows(rows: Sequence[dict], heldout: int | float = 0.2, seed: int = 0,
+def split_rows(rows: Sequence[dict], heldout: float = 0.2, seed: int = 0,
                max_heldout: int = 60) -> tuple[list[dict], list[dict]]:
     """Split rows into (train, held-out) by a seeded shuffle; the same rows give the same split.
 
