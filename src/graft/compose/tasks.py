@@ -48,6 +48,22 @@ FAMILIES = {
     "word-letter": r"^ii_(first|second)_word_letter$",
 }
 
+# The tasks the benchmarks (benchmarks/compose.py, benchmarks/t2l.py) hold out of ../shared/data/tasks:
+# six with a sibling among the training tasks, four without. The same set for every benchmark, so
+# LoraHub, the library and Text-to-LoRA are compared on the same unseen tasks.
+BENCHMARK_HELDOUT = (
+    "sni_task130_scan_structured_text_generation_command_action_long",  # scan siblings
+    "sni_task306_jeopardy_answer_generation_double",  # jeopardy siblings
+    "sni_task320_stereoset_classification_race",  # stereoset siblings
+    "sni_task142_odd-man-out_classification_no_category",  # odd-man-out sibling
+    "ii_translation_en-es",  # translation sibling (en-de)
+    "ii_second_word_letter",  # word-letter sibling (first letter)
+    "ii_sentiment",
+    "ii_larger_animal",
+    "ii_num_to_verbal",
+    "bigbench_implicatures",
+)
+
 _OPTIONS = re.compile(r"\n\s*Options:\s*\n((?:\s*-\s*.*(?:\n|$))+)\s*$")
 
 
