@@ -9,6 +9,7 @@ them from the hidden states, so peft's are compared from position n on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import warnings
@@ -179,7 +180,9 @@ def test_saved_config_is_peft_config(case, tmp_path):
     if case.startswith("ptuning"):
         assert config.encoder_reparameterization_type == method.encoder.upper()
         assert config.encoder_hidden_size == method.encoder_hidden_size
-    assert type(method).from_peft(raw) == method
+    # a loaded table overwrites any initialisation, so a loaded prefix config says init="random" (no forward)
+    loaded = method if not case.startswith("prefix") else dataclasses.replace(method, init="random")
+    assert type(method).from_peft(raw) == loaded
 
 
 @pytest.mark.parametrize("case", ["prompt", "prefix"])
