@@ -26,6 +26,7 @@ from graft import quant
 from graft import targets as tg
 from graft.core import AdapterLayer, GraftState, TargetedMethod, register
 from graft.methods.heads import apply_modules_to_save, heads_to_save, modules_to_save_count
+from graft.methods.loftq_init import PENDING_ATTR, check_settings, decompose
 
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 REWRITES_BASE = ("pissa", "olora", "loftq")  # inits that change the base weight when the adapter is created
@@ -58,7 +59,7 @@ class LoraSpec:
     rslora: bool
     dora: bool
     init: str
-    loftq: dict[str, Any] | None = None  # init="loftq": the quantisation settings (graft.loftq.DEFAULTS)
+    loftq: dict[str, Any] | None = None  # init="loftq": the quantisation settings (graft.methods.loftq_init.DEFAULTS)
 
     @property
     def scaling(self) -> float:
@@ -89,7 +90,7 @@ class LoRA(TargetedMethod):
             "loftq" (quantized base and adapter fitted together: use :func:`graft.loftq`, which
             quantizes the model; on a full-precision model the LoftQ base is written into its weights).
         loftq_config: init="loftq" only: ``quant_type`` ("nf4"/"fp4"), ``iters``, ``compute_dtype``,
-            ``double_quant`` (defaults in ``graft.loftq.DEFAULTS``).
+            ``double_quant`` (defaults in ``graft.methods.loftq_init.DEFAULTS``).
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a classifier);
             None takes a sequence-classification model's head automatically.
     """
@@ -125,8 +126,6 @@ class LoRA(TargetedMethod):
         if self.loftq_config and self.init != "loftq":
             raise ValueError(f"LoRA loftq_config is for init='loftq', not init={self.init!r}")
         if self.init == "loftq":
-            from graft.loftq import check_settings
-
             object.__setattr__(self, "loftq_config", check_settings(dict(self.loftq_config)))
         else:
             object.__setattr__(self, "loftq_config", {})
@@ -723,8 +722,6 @@ def init_olora(layer: LoraLinear, name: str) -> None:
 
 def init_loftq(layer: LoraLinear, name: str) -> None:
     """LoftQ: A, B from graft.loftq (quantized base), or computed here and Q_T written into a full-precision base."""
-    from graft.loftq import PENDING_ATTR, decompose  # `graft.loftq` the attribute is the function
-
     base = layer.base_layer
     factors = base.__dict__.pop(PENDING_ATTR, None)
     if factors is None:
