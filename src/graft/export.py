@@ -133,8 +133,8 @@ def gguf_tensors(adapter_dir: str | os.PathLike[str], base_config: dict[str, Any
     from graft.methods.lora import pattern_value
 
     config = read_config(adapter_dir)
-    _check_adapter(config)
     arch, permute = _architecture(base_config)
+    _check_adapter(config)
     pairs = _pairs(read_tensors(adapter_dir))
     ranks = {module: a.shape[0] for module, (a, _) in pairs.items()}
     main_rank = int(config.get("r") or max(ranks.values()))
