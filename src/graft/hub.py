@@ -221,6 +221,8 @@ def push(adapter_dir: str | os.PathLike[str], repo_id: str, *, private: bool = F
         raise HubError(f"{folder} is not an adapter directory (no {CONFIG_NAME})")
     if not is_repo_id(repo_id) or "/" not in repo_id:
         raise HubError(f"repository id {repo_id!r} must look like org/name (letters, digits, -, _, .)")
+    if offline():
+        raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (or set HF_HUB_OFFLINE=0)")
     card = folder / CARD_NAME
     if not card.is_file():
         _write_atomic(card, model_card(folder, repo_id))
