@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODEL_FILES", "HubError", "is_repo_id", "model_card", "push", "snapshot"]
+__all__ = ["MODEL_FILES", "HubError", "is_repo_id", "model_card", "not_cached_message", "offline", "push", "snapshot"]
 
 #: The files of a model repository that ``snapshot`` fetches: what transformers reads, safetensors only.
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
@@ -85,13 +85,13 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
         raise HubError(f"no {repo_type} {repo_id!r} on the hub (or it is private: log in with `hf auth login` or "
                        "set HF_TOKEN); a local directory must exist, e.g. ./name") from None
     except LocalEntryNotFoundError:
-        raise HubError(_not_cached_message(repo_id, at, repo_type)) from None
+        raise HubError(not_cached_message(repo_id, at, repo_type)) from None
     if repo_type == "model":
         _check_model_files(path, repo_id, at)
     return path
 
 
-def _not_cached_message(repo_id: str, at: str, repo_type: str) -> str:
+def not_cached_message(repo_id: str, at: str, repo_type: str) -> str:
     """What to do when ``repo_id`` is neither cached nor reachable."""
     from huggingface_hub import constants
 

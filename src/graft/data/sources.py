@@ -10,8 +10,9 @@ source                                         read with
 a ``save_to_disk`` directory                   ``datasets.load_from_disk`` (a DatasetDict: ``split``)
 any other directory                            ``datasets.load_dataset(dir)`` (data files, or a loading script-free
                                                data set repository checked out locally)
-``org/name`` or ``name`` (no such path)        ``datasets.load_dataset(name, config, split=...)``: the cache, or
-                                               the hub unless ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``
+``org/name`` or ``name`` (no such path)        ``datasets.load_dataset(name, config, split=...)``: the hub, or
+                                               offline (``HF_HUB_OFFLINE``) datasets' cache, then the files in
+                                               the Hugging Face hub cache (``huggingface-cli download``)
 =============================================  ===============================================================
 
 Conversations are then brought to graft's chat format (``messages``: ``[{role, content}]``, see
@@ -170,21 +171,31 @@ def _load_directory(path: Path, split: str | None) -> Any:
 
 
 def _load_hub(name: str, split: str | None, config: str | None, revision: str | None) -> Any:
-    """``datasets.load_dataset`` on a hub name; offline and not cached gives the message saying what to do."""
+    """``datasets.load_dataset`` on a hub name, or offline on its files in the Hugging Face hub cache.
+
+    Offline, ``datasets`` finds only data sets it built before; files fetched with ``huggingface-cli download
+    NAME --repo-type dataset`` sit in the hub cache instead, so they are loaded from their snapshot directory.
+    """
     from graft import hub
 
     datasets = _datasets()
     try:
         return datasets.load_dataset(name, config, split=split, revision=revision)
-    except ValueError as err:
-        # A wrong config / split name: datasets lists the ones there are.
+    except ValueError as err:  # a wrong config / split name: datasets lists the ones there are
         raise DataError(f"data set {name!r}: {err}") from None
     except (FileNotFoundError, ConnectionError, OSError) as err:
-        if hub.offline():
-            raise DataError(hub.HubError(hub._not_cached_message(name, "", "dataset")).args[0]
-                            + f" (datasets said: {err})") from None
-        raise DataError(f"data set {name!r} could not be loaded from the cache or the hub: {err}. A local file "
-                        "must exist; a hub data set is written org/name.") from None
+        if not hub.offline():
+            raise DataError(f"data set {name!r} could not be loaded from the cache or the hub ({err}). A local "
+                            "file must exist; a hub data set is written org/name.") from None
+        first = err
+    try:
+        snapshot = hub.snapshot(name, revision, repo_type="dataset")
+    except hub.HubError:
+        raise DataError(f"{hub.not_cached_message(name, '', 'dataset')} (datasets said: {first})") from None
+    try:
+        return datasets.load_dataset(str(snapshot), config, split=split)
+    except ValueError as err:
+        raise DataError(f"data set {name!r} (cached at {snapshot}): {err}") from None
 
 
 def _from_dataset(data: Any, name: str, split: str | None, prefer: tuple[str, ...]) -> list[Record]:
