@@ -167,3 +167,11 @@ def test_untied_lm_head_exports_as_output(tmp_path):
     reader = gguf.GGUFReader(export_gguf(tmp_path / "adapter", tmp_path / "a.gguf", base=cfg.to_dict()))
     shapes = {t.name: list(t.shape) for t in reader.tensors}
     assert shapes["output.weight.lora_a"] == [32, 2] and shapes["output.weight.lora_b"] == [2, 48]
+
+
+@pytest.mark.parametrize("verb", ["export", "push"])
+def test_help_shows_an_example(verb, capsys):
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert f"example:\n  graft {verb} --adapter" in out

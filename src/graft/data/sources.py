@@ -84,7 +84,7 @@ def load(
     elif _hub_name(text):
         records = _from_dataset(_load_hub(text, split, config, revision), text, split, prefer)
     else:
-        raise FileNotFoundError(f"data file {text!r} does not exist (and it is not a hub data set name)")
+        raise FileNotFoundError(f"data file {text!r} does not exist (No such file or directory)")
     records = normalize_conversations(records, column=(fields or {}).get("messages"))
     check_columns(records, fields)
     return records
