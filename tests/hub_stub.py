@@ -10,6 +10,10 @@ Endpoints (as huggingface_hub 0.3x-2.x calls them):
   "deletedFile" ..., "value": {...}}``; regular files carry base64 ``content``
 * ``POST /api/validate-yaml``: a README.md's front matter, ``{"content", "repoType"}``
 * ``GET /api/{type}s/{org}/{name}[/revision/{revision}]``: the repository's info (sha, siblings)
+* ``GET /api/{type}s/{org}/{name}/tree/{revision}``: its files (``snapshot_download`` lists them)
+* ``HEAD`` / ``GET /{org}/{name}/resolve/{revision}/{path}``: a file's metadata / bytes (downloads)
+
+``add_repo`` puts a repository there to download; ``downloads`` records the files served.
 
 Every request is recorded; ``repos[repo_id]`` holds ``{"private": bool, "files": {path: bytes}}``.
 """
@@ -37,6 +41,7 @@ class HubStub:
         self.requests: list[tuple[str, str]] = []
         self.tokens: list[str | None] = []
         self.cards: list[dict[str, Any]] = []  # the validated YAML front matter of README.md files
+        self.downloads: list[str] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,6 +88,14 @@ class HubStub:
         m = re.fullmatch(_REPO + r"/commit/(?P<rev>[^/]+)", path)
         if method == "POST" and m:
             return self._commit(req, m["repo"], body)
+        m = re.fullmatch(_REPO + r"/tree/(?P<rev>[^/]+)", path)
+        if method == "GET" and m and m["repo"] in self.repos:
+            files = self.repos[m["repo"]]["files"]
+            return self._send(req, 200, [{"type": "file", "path": name, "size": len(data),
+                                          "oid": hashlib.sha1(data).hexdigest()} for name, data in files.items()])
+        m = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+        if method in ("GET", "HEAD") and m and m["file"] in self.repos.get(m["repo"], {"files": {}})["files"]:
+            return self._file(req, m["repo"], m["file"])
         m = re.fullmatch(_REPO + r"(?:/revision/(?P<rev>[^/]+))?", path)
         if method == "GET" and m and m["repo"] in self.repos:
             repo = self.repos[m["repo"]]
@@ -133,12 +146,29 @@ class HubStub:
         return self._send(req, 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{sha}", "commitOid": sha,
                                      "success": True})
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+        """Serve a repository for download; returns its commit hash."""
+        self.repos[repo_id] = {"private": private, "files": dict(files), "commits": [{"summary": "initial"}]}
+        return self._sha(repo_id)
+
+    def _file(self, req: BaseHTTPRequestHandler, repo_id: str, name: str) -> None:
+        data = self.repos[repo_id]["files"][name]
+        if req.command == "GET":
+            self.downloads.append(name)
+        req.send_response(200)
+        req.send_header("Content-Length", str(len(data)))
+        req.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        req.send_header("X-Repo-Commit", self._sha(repo_id))
+        req.end_headers()
+        if req.command == "GET":
+            req.wfile.write(data)
+
     def _sha(self, repo_id: str) -> str:
         repo = self.repos.get(repo_id, {"commits": []})
         return hashlib.sha1(f"{repo_id}{len(repo['commits'])}".encode()).hexdigest()
 
     @staticmethod
-    def _send(req: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
+    def _send(req: BaseHTTPRequestHandler, status: int, payload: dict[str, Any] | list[Any]) -> None:
         data = json.dumps(payload).encode()
         req.send_response(status)
         req.send_header("Content-Type", "application/json")

@@ -175,9 +175,25 @@ def test_cli_generate_with_a_hub_id_and_the_offline_error(hf_cache, capsys):
 @pytest.fixture
 def stub(monkeypatch):
     with HubStub() as server:
+        # What HF_ENDPOINT sets when huggingface_hub is imported (file URLs are built from a template).
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         yield server
+
+
+def test_hub_id_downloads_once_then_resolves_offline(stub, tiny_dir, tmp_path, monkeypatch):
+    """Online, a model comes from the hub (only configs, tokenizer files and safetensors) into the cache."""
+    files = {f.name: f.read_bytes() for f in tiny_dir.iterdir() if f.is_file()}
+    commit = stub.add_repo("tiny-org/online", {**files, "pytorch_model.bin": b"never fetched", "model.onnx": b"-"})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, _ = models.load("tiny-org/online")
+    assert sorted(stub.downloads) == sorted(files)
+    assert torch.equal(logits(model), logits(LlamaForCausalLM.from_pretrained(tiny_dir).eval()))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    stub.downloads.clear()
+    assert models.resolve("tiny-org/online") == tmp_path / "hub" / "models--tiny-org--online" / "snapshots" / commit
+    assert stub.downloads == []
 
 
 def tiny_adapter(path: Path) -> Path:
