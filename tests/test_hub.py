@@ -248,6 +248,24 @@ def test_push_errors(stub, tmp_path, monkeypatch):
     assert stub.repos == {}
 
 
+def test_pushed_adapter_loads_by_its_hub_id(stub, tmp_path, monkeypatch):
+    """What `graft push` uploads, `graft.load(model, "org/name")` brings back: same outputs."""
+    from conftest import batch_for, tiny_llama
+
+    adapter = tiny_adapter(tmp_path / "adapter")
+    hub.push(adapter, "me/roundtrip")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    local, remote = graft.load(tiny_llama(), adapter), graft.load(tiny_llama(), "me/roundtrip")
+    inputs = batch_for("llama")
+    with torch.no_grad():
+        assert torch.equal(local(**inputs).logits, remote(**inputs).logits)
+    assert not torch.equal(local(**inputs).logits, tiny_llama()(**inputs).logits)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hub.HubError, match="no adapter directory 'me/missing', so it was read as a hub adapter id: "
+                                           "adapter 'me/missing' is not in the Hugging Face cache"):
+        graft.load(tiny_llama(), "me/missing")
+
+
 def test_cli_push_uses_hf_endpoint(tmp_path):
     """`graft push` in a fresh process: HF_ENDPOINT and HF_TOKEN from the environment reach the stub."""
     adapter = tiny_adapter(tmp_path / "adapter")

@@ -21,10 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODEL_FILES", "HubError", "is_repo_id", "model_card", "not_cached_message", "offline", "push", "snapshot"]
+__all__ = ["ADAPTER_FILES", "MODEL_FILES", "HubError", "adapter_snapshot", "is_repo_id", "model_card", "not_cached_message", "offline", "push", "snapshot"]
 
 #: The files of a model repository that ``snapshot`` fetches: what transformers reads, safetensors only.
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+#: The files of an adapter repository that ``adapter_snapshot`` fetches.
+ADAPTER_FILES = ("adapter_config.json", "*.safetensors", "*.json", "README.md")
 
 # The hub's rule for a repository id: [namespace/]name, letters, digits, "-", "_", "." (no "--" or "..").
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -63,6 +65,28 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
         HubError: Offline and not cached, not found, a missing revision, or no safetensors weights; the
             message says how to get the model (go online, ``huggingface-cli download``, a local directory).
     """
+    path = _download(repo_id, revision, repo_type, list(MODEL_FILES) if repo_type == "model" else None)
+    if repo_type == "model":
+        _check_model_files(path, repo_id, f" at revision {revision!r}" if revision else "")
+    return path
+
+
+def adapter_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """Return a local directory holding the adapter repository ``repo_id`` (PEFT format), cache or hub.
+
+    Raises:
+        HubError: As for :func:`snapshot`, or a repository without ``adapter_config.json``.
+    """
+    path = _download(repo_id, revision, "model", list(ADAPTER_FILES), what="adapter")
+    if not (path / "adapter_config.json").is_file():
+        raise HubError(f"{repo_id!r} has no adapter_config.json: not an adapter repository (a model? pass it "
+                       "as the model instead)")
+    return path
+
+
+def _download(repo_id: str, revision: str | None, repo_type: str, patterns: list[str] | None,
+              what: str | None = None) -> Path:
+    """``snapshot_download`` (offline: the cache only), its errors turned into ones that say what to do."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -71,10 +95,10 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
         RevisionNotFoundError,
     )
 
-    patterns = list(MODEL_FILES) if repo_type == "model" else None
+    what = what or repo_type
     at = f" at revision {revision!r}" if revision else ""
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
                                       local_files_only=offline()))
     except RevisionNotFoundError:
         raise HubError(f"{repo_id!r} has no revision {revision!r} on the hub (a branch, tag or commit hash)") from None
@@ -82,22 +106,19 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
         raise HubError(f"{repo_id!r} is gated: accept its terms on the hub, then log in (`hf auth login`) or set "
                        "HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise HubError(f"no {repo_type} {repo_id!r} on the hub (or it is private: log in with `hf auth login` or "
+        raise HubError(f"no {what} {repo_id!r} on the hub (or it is private: log in with `hf auth login` or "
                        "set HF_TOKEN); a local directory must exist, e.g. ./name") from None
     except LocalEntryNotFoundError:
-        raise HubError(not_cached_message(repo_id, at, repo_type)) from None
-    if repo_type == "model":
-        _check_model_files(path, repo_id, at)
-    return path
+        raise HubError(not_cached_message(repo_id, at, repo_type, what)) from None
 
 
-def not_cached_message(repo_id: str, at: str, repo_type: str) -> str:
+def not_cached_message(repo_id: str, at: str, repo_type: str, what: str | None = None) -> str:
     """What to do when ``repo_id`` is neither cached nor reachable."""
     from huggingface_hub import constants
 
     flag = " --repo-type dataset" if repo_type == "dataset" else ""
     why = ("HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached")
-    return (f"{repo_type} {repo_id!r}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
+    return (f"{what or repo_type} {repo_id!r}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
             f"Either go online (unset HF_HUB_OFFLINE or set HF_HUB_OFFLINE=0), download it first with "
             f"`huggingface-cli download {repo_id}{flag}` (or `hf download`), point HF_HOME / HF_HUB_CACHE at the "
             "cache that holds it, or pass a local directory.")
