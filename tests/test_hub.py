@@ -168,6 +168,13 @@ def test_cli_generate_with_a_hub_id_and_the_offline_error(hf_cache, capsys):
     assert "huggingface-cli download nobody/nothing" in err
 
 
+def test_plan_reads_a_hub_models_config(hf_cache, capsys):
+    assert main(["plan", "--model", "tiny-org/tiny-llama", "--memory", "1GB", "--device", "cpu", "--json"]) == 0
+    assert '"method"' in capsys.readouterr().out
+    assert main(["plan", "--model", "nobody/nothing", "--memory", "1GB"]) == 2
+    assert "huggingface-cli download nobody/nothing" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # push
 

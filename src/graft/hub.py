@@ -21,7 +21,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADAPTER_FILES", "MODEL_FILES", "HubError", "adapter_snapshot", "is_repo_id", "model_card", "not_cached_message", "offline", "push", "snapshot"]
+__all__ = [
+    "ADAPTER_FILES", "MODEL_FILES", "HubError", "adapter_snapshot", "config_file", "is_repo_id", "model_card",
+    "not_cached_message", "offline", "push", "snapshot",
+]
 
 #: The files of a model repository that ``snapshot`` fetches: what transformers reads, safetensors only.
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
@@ -68,6 +71,18 @@ def snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "mod
     path = _download(repo_id, revision, repo_type, list(MODEL_FILES) if repo_type == "model" else None)
     if repo_type == "model":
         _check_model_files(path, repo_id, f" at revision {revision!r}" if revision else "")
+    return path
+
+
+def config_file(repo_id: str, revision: str | None = None) -> Path:
+    """Return the path of a hub model's ``config.json`` (cache or hub), fetching nothing else.
+
+    Raises:
+        HubError: As for :func:`snapshot`, or a repository without ``config.json``.
+    """
+    path = _download(repo_id, revision, "model", ["config.json"]) / "config.json"
+    if not path.is_file():
+        raise HubError(f"{repo_id!r} has no config.json: not a transformers model repository")
     return path
 
 
