@@ -240,7 +240,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if job.push_to_hub:
         from graft import hub
 
-        url = hub.push(Path(result.saved_to), job.push_to_hub, private=job.hub_private)
+        try:
+            url = hub.push(Path(result.saved_to), job.push_to_hub, private=job.hub_private)
+        except (hub.HubError, OSError) as err:
+            raise CliError(f"training finished and the adapter is in {result.saved_to}, but the push failed: {err} "
+                           f"Retry with: graft push --adapter {result.saved_to} --repo {job.push_to_hub}") from None
         print(f"pushed {result.saved_to} to {job.push_to_hub}: {url}")
     return 0
 
