@@ -20,6 +20,9 @@ EXAMPLES = {
     "plan": "graft plan --model llama-2-7b --memory 24GB --seq-len 2048 --batch 4 --goal instructions\n"
             "  graft plan --model ./my-model-dir --memory 16GiB --json\n"
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
+    "export": "graft export --adapter runs/x/adapter --format gguf --out x-lora.gguf "
+              "(then: llama-cli -m base.gguf --lora x-lora.gguf)",
+    "push": "graft push --adapter runs/x/adapter --repo me/smollm2-sql --private",
     "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
              "--port 8000 --api-key-file keys.txt --adapter-root runs",
 }
@@ -40,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     add_train_arguments(verb("train", "Fine-tune a model on a data file (LoRA and friends, or full)."))
 
     g = verb("generate", "Generate text with a model and an optional adapter (chat template applied).")
-    g.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    g.add_argument("--model", required=True, help="built-in name, transformers dir, .gguf file or hub id (org/name)")
+    g.add_argument("--revision", help="hub model branch, tag or commit")
     g.add_argument("--adapter", help="adapter directory (PEFT format)")
     g.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     m = verb("merge", "Merge an adapter into its base and write a plain transformers model directory.")
     m.add_argument("--model", required=True)
+    m.add_argument("--revision", help="hub model branch, tag or commit")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -67,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(verb("plan", "What fits in your memory, what each method costs, and which one to use "
                                     "(nothing is loaded: the architecture is built on the meta device)."))
+
+    x = verb("export", "Export a LoRA adapter for another runtime: llama.cpp's GGUF LoRA format.")
+    x.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format)")
+    x.add_argument("--format", choices=["gguf"], default="gguf", help="gguf: llama.cpp's adapter file (--lora)")
+    x.add_argument("--out", required=True, help="file to write, e.g. adapter.gguf")
+    x.add_argument("--model", help="the base model, for its config (default: base_model_name_or_path of the adapter)")
+    x.add_argument("--revision", help="hub revision of --model")
+    x.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="tensor type in the file (default f32)")
+
+    u = verb("push", "Upload an adapter directory to the Hugging Face hub, with a model card (README.md).")
+    u.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    u.add_argument("--repo", required=True, help="hub repository, org/name (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repository as private")
+    u.add_argument("--token", help="hub token (default: HF_TOKEN or the token of `hf auth login`)")
+    u.add_argument("--message", help="commit message")
 
     s = verb("serve", "Serve one base model and many adapters over an OpenAI-compatible HTTP API "
                       "(the request's model field picks the adapter).")
@@ -93,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
+                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "export": cmd_export,
+                "push": cmd_push}[args.verb](args)
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
@@ -105,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
 # (flag, type, help); the flag's name with "_" is the YAML key. Only flags given override the YAML.
 TRAIN_FLAGS = [
-    ("--model", str, "built-in name (smollm2-135m, minilm), transformers dir or .gguf file"),
-    ("--data", str, "training data: .jsonl, .json, .csv or .tsv"),
+    ("--model", str, "built-in name (smollm2-135m, minilm), transformers dir, .gguf file or hub id (org/name)"),
+    ("--revision", str, "hub model branch, tag or commit"),
+    ("--data", str, ("training data: .jsonl, .json, .csv, .tsv, .parquet, a datasets directory (save_to_disk or "
+                     "data files) or a hub data set name (org/name); ShareGPT / OpenAI-messages rows become chat")),
+    ("--data-split", str, "split of a datasets directory or hub data set (default train)"),
+    ("--data-config", str, "configuration (subset) of a hub data set, e.g. main"),
     ("--eval-data", str, "held-out data (default: --eval-split of the training data)"),
     ("--eval-split", float, "fraction of the training data held out for evaluation"),
     ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
@@ -145,6 +170,7 @@ TRAIN_FLAGS = [
     ("--out", str, "output directory (adapter, checkpoints, metrics.jsonl, loss.png)"),
     ("--strategy", str, "under torchrun: ddp (model on every rank) or fsdp (frozen base sharded across ranks)"),
     ("--dist-timeout", float, "under torchrun: seconds a collective waits for the other ranks (default 1800)"),
+    ("--push-to-hub", str, "after training, upload the adapter to this hub repository (org/name), with a model card"),
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
@@ -152,6 +178,7 @@ TRAIN_SWITCHES = [
     ("--chat-template", "render prompts with the tokenizer's chat template"),
     ("--gradient-checkpointing", "recompute activations in backward to save memory"),
     ("--release-cpu-memory", "CPU on Linux: hand freed memory back at once (measured: peak RSS 0.73x, time 1.46x)"),
+    ("--hub-private", "with --push-to-hub: create the repository as private"),
 ]
 
 
@@ -163,6 +190,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
                    help="a setting of the method, e.g. num_virtual_tokens=20 or placement=pfeiffer (repeatable)")
+    p.add_argument("--field", action="append", metavar="FIELD=COLUMN", default=argparse.SUPPRESS,
+                   help="read a format field from another column, e.g. instruction=question (repeatable; "
+                        "YAML: fields: {instruction: question})")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 
 
@@ -190,6 +220,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["out_dir"] = given.pop("out")
     if "method_arg" in given:
         given["method_args"] = {**(options.get("method_args") or {}), **_key_values(given.pop("method_arg"))}
+    if "field" in given:
+        from graft.data.sources import parse_fields
+
+        given["fields"] = {**parse_fields(options.get("fields")), **parse_fields(given.pop("field"))}
     if "out" in options:
         options["out_dir"] = options.pop("out")
     options.update(given)
@@ -203,14 +237,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
           + f", {result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {result.saved_to}")
+    if job.push_to_hub:
+        from graft import hub
+
+        try:
+            url = hub.push(Path(result.saved_to), job.push_to_hub, private=job.hub_private)
+        except (hub.HubError, OSError) as err:
+            raise CliError(f"training finished and the adapter is in {result.saved_to}, but the push failed: {err} "
+                           f"Retry with: graft push --adapter {result.saved_to} --repo {job.push_to_hub}") from None
+        print(f"pushed {result.saved_to} to {job.push_to_hub}: {url}")
     return 0
 
 
-def _load_model(name: str, adapter: str | None):
+def _load_model(name: str, adapter: str | None, revision: str | None = None):
     import graft
     from graft import models
 
-    model, tokenizer = models.load(name)
+    model, tokenizer = models.load(name, revision=revision)
     if adapter:
         graft.load(model, adapter)
     return model, tokenizer
@@ -219,7 +262,7 @@ def _load_model(name: str, adapter: str | None):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    model, tok = _load_model(args.model, args.adapter)
+    model, tok = _load_model(args.model, args.adapter, args.revision)
     torch.manual_seed(args.seed)
     if args.no_chat_template or not getattr(tok, "chat_template", None):
         texts = list(args.prompt)
@@ -256,10 +299,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.quantize:
         from graft import models, quant
 
-        model, tok = models.load(args.model, quantize=args.quantize, compute_dtype=torch.float32)
+        model, tok = models.load(args.model, quantize=args.quantize, compute_dtype=torch.float32,
+                                 revision=args.revision)
         graft.load(quant.dequantize_model(model), args.adapter)  # dense, so the merge below is exact
     else:
-        model, tok = _load_model(args.model, args.adapter)
+        model, tok = _load_model(args.model, args.adapter, args.revision)
     plain = graft.unload(model, merge=True).to(getattr(torch, DTYPES[args.dtype]))
 
     def write(tmp: Path) -> None:
@@ -359,9 +403,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    p.add_argument("--model", required=True, help="built-in name, transformers dir, .gguf file or hub id (org/name)")
+    p.add_argument("--revision", help="hub model branch, tag or commit")
     p.add_argument("--adapter", help="adapter directory to evaluate with (PEFT format)")
-    p.add_argument("--data", required=True, help="rows to evaluate: .jsonl, .json, .csv or .tsv")
+    p.add_argument("--data", required=True, help="rows to evaluate: .jsonl, .json, .csv, .tsv, .parquet, a datasets "
+                                                 "directory or a hub data set name (org/name)")
+    p.add_argument("--data-split", help="split of a datasets directory or hub data set (default train)")
+    p.add_argument("--data-config", help="configuration (subset) of a hub data set")
     p.add_argument("--task", required=True, choices=["math", "classification", "exact"],
                    help="math: GSM8K-style numbers; classification: label likelihood; exact: normalised match")
     p.add_argument("--strategy", default="zero-shot",
@@ -473,9 +521,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
         **temperature,
     )
-    records = data.read(args.data)
+    records = data.load(args.data, split=args.data_split, config=args.data_config)
     pool = data.read(args.exemplars) if args.exemplars else records
-    model, tok = _load_model(args.model, args.adapter)
+    model, tok = _load_model(args.model, args.adapter, args.revision)
     source = _proxy_source(args, model, tok) if args.strategy == "proxy" else model
     meta = {"model": args.model, "adapter": args.adapter, "expert": args.expert, "data": args.data}
     result = decode.evaluate(source, tok, records[: args.limit], config, pool=pool, meta=meta)
@@ -484,6 +532,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(decode.format_table([s]))
     print(f"\naccuracy {100 * s['accuracy']:.1f}% (95% CI {100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}), "
           f"{s['tokens']:,} tokens in {s['seconds']:.1f}s; wrote {paths['predictions']} and {paths['table']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from graft.export import export_gguf
+
+    out = export_gguf(args.adapter, args.out, base=args.model, dtype=args.dtype, revision=args.revision)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes), a llama.cpp LoRA adapter: llama-cli -m BASE.gguf --lora {out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from graft import hub
+
+    url = hub.push(args.adapter, args.repo, private=args.private, token=args.token, commit_message=args.message)
+    print(f"pushed {args.adapter} to {args.repo}: {url}")
     return 0
 
 

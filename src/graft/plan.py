@@ -200,6 +200,11 @@ def load_config(model_or_config: Any) -> tuple[str, Any]:
     path = Path(text).expanduser()
     if not path.exists():
         path = _builtin_path(key) or path
+    if not path.exists() and "/" in text and not text.startswith((".", "~", "/")):
+        from graft import hub
+
+        if hub.is_repo_id(text):  # a hub model id: only its config.json is fetched (or read from the cache)
+            path = hub.config_file(text)
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():

@@ -35,7 +35,11 @@ class Job:
     """What to fine-tune on what (the training loop's own settings live in ``TrainConfig``)."""
 
     model: str = "smollm2-135m"
+    revision: str | None = None  # a hub model's branch, tag or commit
     data: str | None = None
+    data_split: str | None = None  # a datasets directory's or hub data set's split (default: train)
+    data_config: str | None = None  # a hub data set's configuration (subset)
+    fields: dict | None = None  # {format field: column}, e.g. {instruction: question}
     eval_data: str | None = None
     eval_split: float = 0.0
     format: str | None = None
@@ -57,6 +61,8 @@ class Job:
     init: str = "default"  # LoRA family: default, gaussian, pissa, olora, or loftq (with quantize nf4/fp4)
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (graft.train.distributed); ignored in one process
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
+    push_to_hub: str | None = None  # after training, upload the adapter to this hub repository (org/name)
+    hub_private: bool = False  # with push_to_hub: create the repository as private
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -88,10 +94,26 @@ class Job:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}{hint}")
         if self.method_args and self.method in ("lora", "rslora", "dora", "full"):
             raise ValueError(f"method_args are for the other methods; {self.method} takes r, alpha, dropout, targets")
+        self._check_hub_options()
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split={self.eval_split!r} must be in [0, 1)")
         if self.max_length < 8:
             raise ValueError(f"max_length={self.max_length!r} must be at least 8")
+
+    def _check_hub_options(self) -> None:
+        """Field mappings and the push target are checked before anything is loaded or trained."""
+        from graft import hub
+        from graft.data.sources import parse_fields
+
+        if self.fields is not None:
+            parse_fields(self.fields, "fields:")
+        if self.push_to_hub is not None and ("/" not in self.push_to_hub or not hub.is_repo_id(self.push_to_hub)):
+            raise ValueError(f"push_to_hub={self.push_to_hub!r} must be a hub repository id, org/name")
+        if self.hub_private and self.push_to_hub is None:
+            raise ValueError("hub_private applies with push_to_hub (--push-to-hub org/name)")
+        if self.push_to_hub is not None and self.method == "full":
+            raise ValueError("push_to_hub uploads an adapter; method=full writes a whole model (push it with "
+                             "huggingface_hub's upload_folder)")
 
     def distributed(self):
         """The settings of a multi-process (torchrun) run."""
@@ -205,18 +227,19 @@ def prepare(job: Job, config: TrainConfig):
     from graft import data, models, quant
 
     if job.data is None:
-        raise ValueError("no training data: pass --data FILE (jsonl, json, csv or tsv) or set data: in the config")
-    if not Path(job.data).exists():
-        raise FileNotFoundError(f"data file {job.data!r} does not exist")
+        raise ValueError("no training data: pass --data FILE (jsonl, json, csv, tsv, parquet), a datasets directory "
+                         "or a hub data set name, or set data: in the config")
     if config.release_cpu_memory:  # before loading: the load's and quantization's temporaries fragment the heap too
         from graft.train.monitor import map_large_blocks
 
         map_large_blocks()
-    fields = {k: v for k, v in (("text", job.text_field), ("label", job.label_field)) if v}
-    records = data.read(job.data)
+    fields = {**(job.fields or {}), **{k: v for k, v in (("text", job.text_field), ("label", job.label_field)) if v}}
+    records = data.load(job.data, split=job.data_split, config=job.data_config, fields=fields)
     if job.limit:
         records = records[: job.limit]
-    eval_records = data.read(job.eval_data) if job.eval_data else []
+    hub_eval = job.eval_data is not None and not Path(job.eval_data).expanduser().exists()
+    eval_records = (data.load(job.eval_data, config=job.data_config if hub_eval else None, fields=fields,
+                              prefer=("validation", "test")) if job.eval_data else [])
     if job.eval_split and not eval_records:
         order = list(range(len(records)))
         random.Random(config.seed).shuffle(order)
@@ -229,9 +252,10 @@ def prepare(job: Job, config: TrainConfig):
     loftq = job.init == "loftq"  # loaded in full precision: LoftQ quantizes and attaches together
     kbit = {"quantize": job.quantize, "compute_dtype": compute} if job.quantize and not loftq else {}
     if classification:
-        model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map), **kbit)
+        model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map),
+                                       revision=job.revision, **kbit)
     else:
-        model, tokenizer = models.load(job.model, **kbit)
+        model, tokenizer = models.load(job.model, revision=job.revision, **kbit)
     if job.quantize and not loftq:
         graft.prepare_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     fmt = job.format or ("classification" if classification else None)

@@ -3,6 +3,7 @@
 Example:
     >>> from graft import data
     >>> records = data.read("train.jsonl")                       # keeps file + line of every row
+    >>> records = data.load("org/name", split="train", fields={"instruction": "question"})  # + parquet, hub
     >>> examples = data.tokenize(records, tokenizer, format="alpaca", max_length=512)
     >>> data.stats(examples)
     Stats(examples=..., tokens=..., supervised_tokens=..., longest=...)
@@ -24,6 +25,7 @@ from graft.data.formats import (
 )
 from graft.data.packing import PackedRow, PackingNotSupported, check_packing, collate, pack
 from graft.data.readers import FILE_FORMATS, DataError, Record, read
+from graft.data.sources import load
 from graft.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, Template, fill
 from graft.data.tokenize import IGNORE_INDEX, OVERFLOW, Example, Stats, stats, tokenize
 
@@ -48,6 +50,7 @@ __all__ = [
     "detect_format",
     "fill",
     "label_map",
+    "load",
     "pack",
     "parse_gsm8k",
     "read",
