@@ -15,7 +15,6 @@ import graft.models
 from graft import recipe, runtime
 from graft.cli import main, plan_choice
 from graft.runtime import Choice, Hardware, resolve
-from graft.train import TrainConfig
 
 BARE = Hardware()  # a CPU without bf16 units, no GPU
 BF16_CPU = Hardware(cpu_bf16=True, cpu_feature="AVX512-BF16")
@@ -198,7 +197,7 @@ def test_train_says_and_applies_the_choice(model_dir, data, adapter, tmp_path, l
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_generate_loads_in_the_dtype_asked_for(model_dir, adapter, loaded, dtype):
-    rc, out, err = _run("generate", "--model", str(model_dir), "--adapter", str(adapter), "--prompt", "Hi",
+    rc, _, err = _run("generate", "--model", str(model_dir), "--adapter", str(adapter), "--prompt", "Hi",
                         "--max-new-tokens", "2", "--device", "cpu", "--dtype", dtype)
     assert rc == 0, err
     assert f"graft generate: device cpu, dtype {dtype}" in err
