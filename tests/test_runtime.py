@@ -34,9 +34,10 @@ VOLTA = Hardware(cuda_capabilities=((7, 0),))
      Choice("cuda", "fp32", "bf16", "GPU compute capability 8.0 supports bf16; full fine-tuning keeps fp32 weights")),
     ("cuda", "fp16", True, False, AMPERE, Choice("cuda", "fp16", "fp16", "asked for")),
     ("cuda", "fp32", True, False, AMPERE, Choice("cuda", "fp32", None, "asked for")),
-    # CPUs: bf16 units -> fp32 weights + bf16 autocast in training, bf16 weights for inference; else fp32
+    # CPUs: bf16 units -> fp32 weights + bf16 autocast in training, fp32 for inference; else fp32
     ("auto", "auto", True, False, BF16_CPU, Choice("cpu", "fp32", "bf16", "CPU has AVX512-BF16")),
-    ("auto", "auto", False, False, BF16_CPU, Choice("cpu", "bf16", None, "CPU has AVX512-BF16")),
+    ("auto", "auto", False, False, BF16_CPU,
+     Choice("cpu", "fp32", None, "inference on a CPU; --dtype bf16 for bf16 weights")),
     ("cpu", "auto", True, True, AMX_CPU, Choice("cpu", "fp32", "bf16", "CPU has AMX")),
     ("cpu", "auto", True, False, AMPERE, Choice("cpu", "fp32", None, "CPU without bf16 units (AVX512-BF16 / AMX)")),
     ("auto", "auto", True, False, BARE, Choice("cpu", "fp32", None, "CPU without bf16 units (AVX512-BF16 / AMX)")),

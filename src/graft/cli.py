@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """--device and --dtype, resolved by graft.runtime.resolve (the same words in every verb)."""
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it; bf16 where this CPU has AVX512-BF16/AMX; else fp32), fp32, bf16 or fp16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp16; fp32 on CPUs), "
+                                                   "fp32, bf16 or fp16")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ tested on any machine.
   base is held in that dtype and the step runs under autocast, while trainable tensors (adapters,
   and every weight in full fine-tuning) stay fp32, so updates accumulate in fp32;
 * on a CPU with AVX512-BF16 or AMX: fp32 weights and bf16 autocast when training (the matmuls run
-  in bf16 on the CPU's bf16 units, gradients and adapter updates stay fp32); bf16 weights for
-  inference;
+  in bf16 on the CPU's bf16 units, gradients and adapter updates stay fp32); fp32 for inference
+  (autocast would recast every weight for every generated token; ``dtype="bf16"`` gives bf16
+  weights);
 * fp32 elsewhere (a CPU without bf16 units would only emulate 16-bit arithmetic, slower than fp32).
 
 Example:
@@ -207,6 +208,12 @@ def _cpu(dtype: str, training: bool, full: bool, hw: Hardware) -> Choice:
     if dtype == "auto":
         if not hw.cpu_bf16:
             return Choice("cpu", "fp32", None, "CPU without bf16 units (AVX512-BF16 / AMX)")
+        if not training:
+            # Autocast recasts every frozen fp32 weight on every forward (its cast cache keeps only
+            # tensors that require grad): per generated token, a full copy of the model. bf16 weights
+            # would avoid that but answer differently from the fp32 weights the adapter was trained
+            # against; --dtype bf16 asks for them.
+            return Choice("cpu", "fp32", None, "inference on a CPU; --dtype bf16 for bf16 weights")
         dtype, reason = "bf16", f"CPU has {hw.cpu_feature or 'bf16 units'}"
     elif dtype == "fp32":
         return Choice("cpu", "fp32", None, "asked for")

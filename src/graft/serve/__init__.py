@@ -60,7 +60,7 @@ def build(
         api_keys: Bearer keys; none = open server.
         max_batch: Most requests decoded together.
         dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16`` when ``model`` is a name
-            (:func:`graft.runtime.resolve`; auto: bf16 where the GPU or CPU computes it natively).
+            (:func:`graft.runtime.resolve`; auto: bf16 or fp16 on a GPU, fp32 on a CPU).
         served_name: The ``model`` name of the base (default: the name or path given).
         adapter_dtype: The dtype adapters are served in: ``auto`` (the base model's floating
             dtype: bf16 adapters on a bf16 base), or ``fp32``, ``bf16``, ``fp16``.
