@@ -17,8 +17,9 @@ Sections (each prints its own lines; a section that fails prints its traceback a
           trainer for some steps on GSM8K with bf16 autocast, against LoRA on a bf16 base; LoftQ
           init on the GPU and its rebuild from the saved adapter; DoRA and int8 forward/backward;
           merging into the 4-bit base and the error it reports.
-  cli     ``graft train --device cuda --max-steps 2`` and ``graft generate --device cuda`` through the CLI
-          (``graft.cli.main``): the start-up line, the device training really ran on, the exit statuses.
+  cli     ``graft train --device cuda --max-steps 2``, ``graft generate --device cuda`` and ``graft eval
+          --device cuda`` through the CLI (``graft.cli.main``): the start-up line, the device training
+          really ran on, the exit statuses.
   timing  forward latency (b) and mixed-batch prefill/decode (c) of ``benchmarks/core.py`` on the
           GPU, fp32 and bf16: graft vs peft, and against the plain base. Each time is a median of
           interleaved rounds, with ``torch.cuda.synchronize()`` around every call.
@@ -422,6 +423,12 @@ def section_cli(args: argparse.Namespace, tmp: Path) -> None:
     say(f"  generate: {line}")
     check("cli/generate exit status", float(rc), 0)
     check("cli/generate said the device (0 = yes)", float(f"device {DEV.type}" not in line), 0)
+    # eval decodes with its own loop (graft.decode), which keeps bookkeeping on the CPU and the model on DEV
+    rc, err = run("eval", "--model", args.model, "--adapter", str(out / "adapter"), "--device", dev, "--data",
+                  str(data), "--task", "exact", "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp / "cli-eval"))
+    check("cli/eval exit status", float(rc), 0)
+    if rc:
+        say(err[-2000:])
 
 
 SECTIONS = {"parity": section_parity, "qlora": section_qlora, "timing": section_timing, "cli": section_cli}

@@ -247,3 +247,30 @@ def test_a_different_tokenizer_is_noticed(tok):
     fmt = PromptFormat(format="alpaca", chat_template=False, eos="</s>")
     assert promptformat.check_tokenizer(fmt, tok) == [
         f"training ended responses with '</s>'; this tokenizer's EOS is {tok.eos_token!r}"]
+
+
+def test_a_fully_tuned_model_carries_its_format_too(model_dir, data_file, tmp_path, tok):
+    rc, _, err = run("train", "--model", str(model_dir), "--data", str(data_file), "--method", "full",
+                     "--max-steps", "1", "--batch-size", "2", "--dtype", "fp32", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert promptformat.read(tmp_path / "model").format == "alpaca"
+    args = _parser().parse_args(["generate", "--model", str(tmp_path / "model"), "--prompt", ROWS[0]["instruction"]])
+    assert generation_prompts(args, tok) == training_prompts(tok, chat_template=False)[:1]
+
+
+def test_a_system_message_is_trained_saved_and_reused(model_dir, data_file, tmp_path, tok):
+    adapter = train(model_dir, data_file, tmp_path / "run", "--chat-template", "--system", "Answer with a number.")
+    assert promptformat.read(adapter).system == "Answer with a number."
+    examples = data.tokenize(ROWS, tok, format="alpaca", chat_template=True, system="Answer with a number.")
+    trained = [e.input_ids[: next(i for i, label in enumerate(e.labels) if label != data.IGNORE_INDEX)]
+               for e in examples]
+    assert tok.decode(trained[0]).count("Answer with a number.") == 1
+    assert generation_prompts(generate_args(model_dir, adapter), tok) == trained
+    rc, _, err = run("eval", "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data_file),
+                     "--task", "exact", "--limit", "2", "--max-new-tokens", "1", "--dtype", "fp32",
+                     "--out", str(tmp_path / "eval"))
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows] == trained[:2]
+    with pytest.raises(data.DataError, match="system= is a chat-template message"):
+        data.tokenize(ROWS, tok, format="alpaca", system="Answer with a number.")

@@ -126,6 +126,7 @@ TRAIN_FLAGS = [
     ("--eval-split", float, "fraction of the training data held out for evaluation"),
     ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
     ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
+    ("--system", str, "system message first in every conversation (with --chat-template or chat rows)"),
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
                        "child-tuning, probe or full")),

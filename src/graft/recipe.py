@@ -43,6 +43,7 @@ class Job:
     max_length: int = 512
     train_on_prompt: bool = False
     chat_template: bool = False
+    system: str | None = None  # a system message first in every chat-template conversation
     packing: bool = True
     method: str = "lora"
     method_args: dict | None = None  # the method's own settings, e.g. {num_virtual_tokens: 20}
@@ -253,7 +254,7 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
         info["format"] = fmt or data.detect_format(records[0], fields or None)
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
-          "label_map": label_map}
+          "label_map": label_map, **({"system": job.system} if job.system is not None else {})}
     train_ex = data.tokenize(records, tokenizer, **kw)
     eval_ex = data.tokenize(eval_records, tokenizer, **kw) if eval_records else None
     method = build_method(job)
@@ -308,7 +309,8 @@ def write_prompt_format(adapter_dir: str | Path, job: Job, tokenizer, format: st
     fmt = promptformat.from_training(tokenizer, format, chat_template=job.chat_template, template=job.template,
                                      fields={k: v for k, v in (("text", job.text_field), ("label", job.label_field))
                                              if v} or None,
-                                     train_on_prompt=job.train_on_prompt, max_length=job.max_length)
+                                     system=job.system, train_on_prompt=job.train_on_prompt,
+                                     max_length=job.max_length)
     return promptformat.write(adapter_dir, fmt)
 
 
