@@ -414,6 +414,8 @@ def section_cli(args: argparse.Namespace, tmp: Path) -> None:
     line = next((x for x in err.splitlines() if x.startswith("graft: device")), "(no start-up line)")
     say(f"  train: {line}; trained on {seen.get('device')} with {seen.get('dtype')} base weights")
     check("cli/train exit status", float(rc), 0)
+    if rc:
+        say(err[-2000:])
     check("cli/train ran on the device asked for (0 = yes)", float(seen.get("device", "").split(":")[0] != DEV.type), 0)
     job = json.loads((out / "job.json").read_text()) if (out / "job.json").exists() else {}
     RESULTS["cli/train choice"] = {"line": line, **seen, "autocast": job.get("train", {}).get("autocast")}
@@ -422,6 +424,8 @@ def section_cli(args: argparse.Namespace, tmp: Path) -> None:
     line = next((x for x in err.splitlines() if x.startswith("graft generate: device")), "(no start-up line)")
     say(f"  generate: {line}")
     check("cli/generate exit status", float(rc), 0)
+    if rc:
+        say(err[-2000:])
     check("cli/generate said the device (0 = yes)", float(f"device {DEV.type}" not in line), 0)
     # eval decodes with its own loop (graft.decode), which keeps bookkeeping on the CPU and the model on DEV
     rc, err = run("eval", "--model", args.model, "--adapter", str(out / "adapter"), "--device", dev, "--data",

@@ -18,7 +18,7 @@ EXAMPLES = {
             "  graft eval --model smollm2-135m --data sst2.tsv --task classification --text-field sentence "
             "--labels 0=negative,1=positive --strategy few-shot --k 4 --select similar\n"
             "  graft eval --model smollm2-135m --data gsm8k.jsonl --task math --strategy proxy --expert runs/cot/adapter",
-    "plan": "graft plan --model llama-2-7b --memory 24GB --seq-len 2048 --batch 4 --goal instructions\n"
+    "plan": "graft plan --model llama-2-7b --memory 24GB --device cuda --seq-len 2048 --batch 4 --goal instructions\n"
             "  graft plan --model ./my-model-dir --memory 16GiB --json\n"
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
     "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
