@@ -240,3 +240,14 @@ def test_a_missing_gpu_is_one_clean_error(model_dir, adapter):
     rc, _, err = _run("generate", "--model", str(model_dir), "--prompt", "Hi", "--device", "cuda")
     assert rc == 2
     assert "no CUDA device is visible" in err
+
+
+def test_serve_cli_passes_the_flags(monkeypatch):
+    import graft.serve
+
+    seen = {}
+    monkeypatch.setattr(graft.serve, "serve", lambda model, **kw: seen.update(kw))
+    assert _run("serve", "--model", "m", "--device", "cpu", "--dtype", "bf16")[0] == 0
+    assert (seen["device"], seen["dtype"]) == ("cpu", "bf16")
+    assert _run("serve", "--model", "m")[0] == 0
+    assert (seen["device"], seen["dtype"]) == ("auto", "auto")

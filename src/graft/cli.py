@@ -624,6 +624,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
     serve(args.model, host=args.host, port=args.port, adapters=adapters, adapter_roots=args.adapter_root,
-          max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
-          served_name=args.served_name, adapter_dtype=args.adapter_dtype)
+          max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
+          device=args.device, served_name=args.served_name, adapter_dtype=args.adapter_dtype)
     return 0

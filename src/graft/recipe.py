@@ -212,7 +212,7 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
     given or detected).
     """
     import graft
-    from graft import data, models, quant, runtime
+    from graft import data, models, runtime
     from graft.train import distributed
 
     if job.data is None:
@@ -237,7 +237,7 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
     classification = config.task == "classification"
     label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
     choice, _ = precision(job, config)
-    compute = quant.default_compute_dtype() if job.dtype == "auto" else runtime.DTYPES[choice.compute_dtype]
+    compute = runtime.DTYPES[choice.compute_dtype]  # what a 4-bit layer multiplies in: the run's precision
     loftq = job.init == "loftq"  # loaded in full precision: LoftQ quantizes and attaches together
     kbit = {"quantize": job.quantize, "compute_dtype": compute} if job.quantize and not loftq else {}
     # A quantized base keeps its non-quantized weights (norms, embeddings, head) in full precision.
@@ -339,15 +339,15 @@ def run(job: Job, config: TrainConfig, resume: bool = False):
     choice, config = precision(job, config)
     if distributed.is_main():
         runtime.announce(choice)
-    info: dict[str, Any] = {}
-    model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, info)
+    found: dict[str, Any] = {}
+    model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, found)
     result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume,
                    distributed=job.distributed())
     if config.out_dir and distributed.is_main():
         out = Path(config.out_dir)
         target = out / ("adapter" if job.method != "full" else "model")
         tokenizer.save_pretrained(target)
-        write_prompt_format(target, job, tokenizer, info["format"])
+        write_prompt_format(target, job, tokenizer, found["format"])
         info = {"job": dataclasses.asdict(job), "train": dataclasses.asdict(config), "label_map": label_map}
         (out / "job.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     return model, tokenizer, result
