@@ -274,3 +274,11 @@ def test_a_system_message_is_trained_saved_and_reused(model_dir, data_file, tmp_
     assert [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows] == trained[:2]
     with pytest.raises(data.DataError, match="system= is a chat-template message"):
         data.tokenize(ROWS, tok, format="alpaca", system="Answer with a number.")
+
+
+def test_rows_of_no_known_format_save_no_format():
+    from graft.recipe import _detected_format
+
+    pair = data.read([{"prompt": "Q", "chosen": "A", "rejected": "B"}])[0]  # preference rows: another objective's
+    assert _detected_format(pair, None) is None
+    assert _detected_format(data.read(ROWS)[0], None) == "alpaca"

@@ -251,7 +251,7 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
         graft.prepare_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     fmt = job.format or ("classification" if classification else None)
     if info is not None:
-        info["format"] = fmt or data.detect_format(records[0], fields or None)
+        info["format"] = fmt or _detected_format(records[0], fields or None)
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
           "label_map": label_map, **({"system": job.system} if job.system is not None else {})}
@@ -272,6 +272,17 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
     packing = (job.packing and not classification and not getattr(method, "input_side", False)
                and job.quantize != "int8")
     return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length, packing), label_map
+
+
+def _detected_format(record, fields) -> str | None:
+    """The data format of ``record``, or None where no format of graft.data matches (rows another
+    objective reads, e.g. preference pairs): such a run saves no prompt format."""
+    from graft.data import DataError, detect_format
+
+    try:
+        return detect_format(record, fields)
+    except DataError:
+        return None
 
 
 def precision(job: Job, config: TrainConfig):
@@ -347,7 +358,8 @@ def run(job: Job, config: TrainConfig, resume: bool = False):
         out = Path(config.out_dir)
         target = out / ("adapter" if job.method != "full" else "model")
         tokenizer.save_pretrained(target)
-        write_prompt_format(target, job, tokenizer, found["format"])
+        if found["format"] is not None:
+            write_prompt_format(target, job, tokenizer, found["format"])
         info = {"job": dataclasses.asdict(job), "train": dataclasses.asdict(config), "label_map": label_map}
         (out / "job.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     return model, tokenizer, result

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from graft.data import promptformat
 from graft.serve.app import Limits, create_app
 from graft.serve.engine import Engine, EngineClosed, Event, Result, Sampling
 from graft.serve.registry import AdapterError, AdapterRegistry
@@ -86,6 +88,10 @@ def build(
     engine = Engine(model, tokenizer, registry=registry, max_batch=max_batch)
     for adapter, path in (adapters or {}).items():
         registry.register(adapter, path, trusted=True)
+        fmt = promptformat.read(path)
+        if fmt is not None:
+            print(f"graft serve: adapter {adapter}: chat requests rendered in its training format ({fmt.describe()})",
+                  file=sys.stderr)
         if max_loaded is None or len(registry.loaded()) < max_loaded:
             registry.acquire(adapter)  # the engine thread is not running yet: attach here
             registry.release(adapter)
