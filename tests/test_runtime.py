@@ -69,7 +69,9 @@ def test_describe_is_the_start_up_line():
     assert resolve(training=True, hardware=BF16_CPU).describe() == \
         "device cpu, dtype fp32 weights + bf16 autocast (CPU has AVX512-BF16)"
     assert resolve(hardware=BARE).describe() == "device cpu, dtype fp32 (CPU without bf16 units (AVX512-BF16 / AMX))"
-    assert resolve(training=True, hardware=AMPERE).describe().startswith("device cuda, dtype bf16 (autocast")
+    assert resolve(training=True, hardware=AMPERE).describe() == ("device cuda, dtype bf16 weights + bf16 autocast, "
+                                                                  "trainable weights fp32 (GPU compute capability 8.0 "
+                                                                  "supports bf16)")
 
 
 def test_detect_reads_this_machine():

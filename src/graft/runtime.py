@@ -97,7 +97,7 @@ class Choice:
         if self.autocast_dtype is None:
             dtype = self.param_dtype
         elif self.autocast_dtype == self.param_dtype:
-            dtype = f"{self.param_dtype} (autocast; trainable weights fp32)"
+            dtype = f"{self.param_dtype} weights + {self.autocast_dtype} autocast, trainable weights fp32"
         else:
             dtype = f"{self.param_dtype} weights + {self.autocast_dtype} autocast"
         return f"device {self.device}, dtype {dtype} ({self.reason})"
