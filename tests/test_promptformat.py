@@ -256,6 +256,10 @@ def test_a_fully_tuned_model_carries_its_format_too(model_dir, data_file, tmp_pa
     assert promptformat.read(tmp_path / "model").format == "alpaca"
     args = _parser().parse_args(["generate", "--model", str(tmp_path / "model"), "--prompt", ROWS[0]["instruction"]])
     assert generation_prompts(args, tok) == training_prompts(tok, chat_template=False)[:1]
+    rc, _, err = run("eval", "--model", str(tmp_path / "model"), "--data", str(data_file), "--task", "exact",
+                     "--limit", "1", "--max-new-tokens", "1", "--dtype", "fp32", "--out", str(tmp_path / "eval"))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["chat"] is False
 
 
 def test_a_system_message_is_trained_saved_and_reused(model_dir, data_file, tmp_path, tok):

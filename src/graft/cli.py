@@ -545,7 +545,8 @@ def _proxy_source(args: argparse.Namespace, model, tok, choice):
 
 
 def _eval_format(args: argparse.Namespace, tok, records, fields) -> tuple[bool | None, str | None, str | None]:
-    """(chat, template, instruction) for EvalConfig: the flags where given, else the adapter's training format.
+    """(chat, template, instruction) for EvalConfig: the flags where given, else the training format saved with
+    the adapter (or with a fully tuned --model directory).
 
     The saved template applies where the rows are of the format it was written for (``exact`` on
     rows of the training format, ``math`` after ``cot`` training); a saved system message becomes
@@ -555,8 +556,6 @@ def _eval_format(args: argparse.Namespace, tok, records, fields) -> tuple[bool |
 
     template = _unescape(args.template)
     instruction = _unescape(args.instruction)
-    if not args.adapter:
-        return args.chat_template, template, instruction
     fmt, saved = _prompt_format(args, tok, args.chat_template, template)
     if saved is None:
         return args.chat_template, template, instruction
