@@ -17,6 +17,9 @@ Sections (each prints its own lines; a section that fails prints its traceback a
           trainer for some steps on GSM8K with bf16 autocast, against LoRA on a bf16 base; LoftQ
           init on the GPU and its rebuild from the saved adapter; DoRA and int8 forward/backward;
           merging into the 4-bit base and the error it reports.
+  cli     ``graft train --device cuda --max-steps 2``, ``graft generate --device cuda`` and ``graft eval
+          --device cuda`` through the CLI (``graft.cli.main``): the start-up line, the device training
+          really ran on, the exit statuses.
   timing  forward latency (b) and mixed-batch prefill/decode (c) of ``benchmarks/core.py`` on the
           GPU, fp32 and bf16: graft vs peft, and against the plain base. Each time is a median of
           interleaved rounds, with ``torch.cuda.synchronize()`` around every call.
@@ -375,7 +378,64 @@ def _time_dtype(args: argparse.Namespace, tmp: Path, dtype: torch.dtype) -> None
               (("graft", "peft", 0.5), ("graft", "base", None)))
 
 
-SECTIONS = {"parity": section_parity, "qlora": section_qlora, "timing": section_timing}
+def section_cli(args: argparse.Namespace, tmp: Path) -> None:
+    """`graft train --device DEV --max-steps 2` and `graft generate --device DEV` through the CLI's main():
+    the start-up line names the device, training runs with the model on it, generation loads onto it."""
+    import contextlib
+    import io
+
+    import graft.train
+    from graft.cli import main as graft_main
+
+    data = tmp / "cli.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(8, args.data)))
+    out = tmp / "cli-run"
+    seen = {}
+    real_train = graft.train.train
+
+    def train_spy(model, *a, **kw):  # what graft train really trains on
+        p = next(model.parameters())
+        seen.update(device=str(p.device), dtype=str(p.dtype).removeprefix("torch."))
+        return real_train(model, *a, **kw)
+
+    def run(*argv: str) -> tuple[int, str]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = graft_main(list(argv))
+        return rc, err.getvalue()
+
+    dev = str(DEV)
+    graft.train.train = train_spy
+    try:
+        rc, err = run("train", "--model", args.model, "--data", str(data), "--device", dev, "--max-steps", "2",
+                      "--batch-size", "2", "--r", "4", "--out", str(out))
+    finally:
+        graft.train.train = real_train
+    line = next((x for x in err.splitlines() if x.startswith("graft: device")), "(no start-up line)")
+    say(f"  train: {line}; trained on {seen.get('device')} with {seen.get('dtype')} base weights")
+    check("cli/train exit status", float(rc), 0)
+    if rc:
+        say(err[-2000:])
+    check("cli/train ran on the device asked for (0 = yes)", float(seen.get("device", "").split(":")[0] != DEV.type), 0)
+    job = json.loads((out / "job.json").read_text()) if (out / "job.json").exists() else {}
+    RESULTS["cli/train choice"] = {"line": line, **seen, "autocast": job.get("train", {}).get("autocast")}
+    rc, err = run("generate", "--model", args.model, "--adapter", str(out / "adapter"), "--device", dev,
+                  "--prompt", "What is 2 + 3?", "--max-new-tokens", "8")
+    line = next((x for x in err.splitlines() if x.startswith("graft generate: device")), "(no start-up line)")
+    say(f"  generate: {line}")
+    check("cli/generate exit status", float(rc), 0)
+    if rc:
+        say(err[-2000:])
+    check("cli/generate said the device (0 = yes)", float(f"device {DEV.type}" not in line), 0)
+    # eval decodes with its own loop (graft.decode), which keeps bookkeeping on the CPU and the model on DEV
+    rc, err = run("eval", "--model", args.model, "--adapter", str(out / "adapter"), "--device", dev, "--data",
+                  str(data), "--task", "exact", "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp / "cli-eval"))
+    check("cli/eval exit status", float(rc), 0)
+    if rc:
+        say(err[-2000:])
+
+
+SECTIONS = {"parity": section_parity, "qlora": section_qlora, "timing": section_timing, "cli": section_cli}
 
 
 def main() -> int:

@@ -36,3 +36,5 @@ def test_gpu_script_runs_every_section_on_the_cpu(tmp_path):
     assert results["parity/lora r16 all-linear: graft vs peft max|dlogits|"] <= 1e-4
     assert results["qlora/LoftQ rebuilt from the saved adapter max|dlogits|"] <= 1e-3
     assert {"timing/float32/c/decode", "timing/bfloat16/c/prefill"} <= set(results)
+    assert results["cli/train choice"]["device"] == "cpu"  # the CLI section: graft train / generate --device cpu
+    assert results["cli/train choice"]["line"].startswith("graft: device cpu, dtype ")

@@ -1,6 +1,6 @@
 """graft: parameter-efficient adaptation of pretrained transformers."""
 
-from graft import decode
+from graft import decode, runtime
 from graft.core import (
     Average,
     Parallel,
@@ -63,6 +63,7 @@ __all__ = [
     "prompting",
     "report",
     "route",
+    "runtime",
     "save",
     "unload",
     "unmerge",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ EXAMPLES = {
             "  graft eval --model smollm2-135m --data sst2.tsv --task classification --text-field sentence "
             "--labels 0=negative,1=positive --strategy few-shot --k 4 --select similar\n"
             "  graft eval --model smollm2-135m --data gsm8k.jsonl --task math --strategy proxy --expert runs/cot/adapter",
-    "plan": "graft plan --model llama-2-7b --memory 24GB --seq-len 2048 --batch 4 --goal instructions\n"
+    "plan": "graft plan --model llama-2-7b --memory 24GB --device cuda --seq-len 2048 --batch 4 --goal instructions\n"
             "  graft plan --model ./my-model-dir --memory 16GiB --json\n"
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
     "export": "graft export --adapter runs/x/adapter --format gguf --out x-lora.gguf "
@@ -51,14 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-chat-template", action="store_true", help="send the raw prompt")
+    g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with the tokenizer's chat template (default: the adapter's training format "
+                        "if it saved one, else when the tokenizer has a template); --no-chat-template: raw text")
+    g.add_argument("--template", help="prompt template with one {field} the prompt fills, e.g. 'Q: {q}\\nA:' "
+                                      "(default: the adapter's training format)")
+    add_runtime_arguments(g)
 
     m = verb("merge", "Merge an adapter into its base and write a plain transformers model directory.")
     m.add_argument("--model", required=True)
     m.add_argument("--revision", help="hub model branch, tag or commit")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
-    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    m.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
+                   help="the merged model's dtype (the merge itself runs in fp32); auto: as graft generate would load")
+    m.add_argument("--device", default="auto", help="where the merge runs: auto (CUDA when present), cpu, cuda, cuda:N")
     m.add_argument("--quantize", choices=["nf4", "fp4", "int8"],
                    help="the base was quantized in training (graft train --quantize): merge into its dequantized "
                         "weights, so the dense export computes what was trained; default: the full-precision base")
@@ -99,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-file", help="file with one API key per line (Bearer auth); default: no auth")
-    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_runtime_arguments(s)
     s.add_argument("--adapter-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="dtype adapters are served in (auto: the base model's)")
     s.add_argument("--max-batch", type=int, default=64, help="most requests decoded together")
@@ -107,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     return p
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, resolved by graft.runtime.resolve (the same words in every verb)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp16; fp32 on CPUs), "
+                                                   "fp32, bf16 or fp16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +151,7 @@ TRAIN_FLAGS = [
     ("--eval-split", float, "fraction of the training data held out for evaluation"),
     ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
     ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
+    ("--system", str, "system message first in every conversation (with --chat-template or chat rows)"),
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
                        "child-tuning, probe or full")),
@@ -162,7 +178,10 @@ TRAIN_FLAGS = [
     ("--warmup-steps", int, "linear warmup steps"),
     ("--warmup-ratio", float, "warmup as a fraction of all steps"),
     ("--max-grad-norm", float, "gradient clipping (0 = off)"),
-    ("--autocast", str, "bf16 or fp16 where the hardware supports it"),
+    ("--autocast", str, "bf16 or fp16: the older name of --dtype (give one; they must agree)"),
+    ("--device", str, "auto (CUDA when present), cpu, cuda or cuda:N"),
+    ("--dtype", str, ("auto (bf16 on GPUs that support it, fp32 weights + bf16 autocast on CPUs with "
+                      "AVX512-BF16/AMX, else fp32), fp32, bf16 or fp16")),
     ("--seed", int, "seed for weights init, data order and dropout"),
     ("--eval-every", int, "evaluate every N steps"),
     ("--save-every", int, "checkpoint every N steps"),
@@ -249,28 +268,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(name: str, adapter: str | None, revision: str | None = None):
-    import graft
-    from graft import models
+def _choice(args: argparse.Namespace):
+    """--device / --dtype resolved for inference, said on stderr."""
+    from graft import runtime
 
-    model, tokenizer = models.load(name, revision=revision)
+    choice = runtime.resolve(args.device, args.dtype)
+    runtime.announce(choice, f"graft {args.verb}")
+    return choice
+
+
+def _load_model(name: str, adapter: str | None, choice=None, revision: str | None = None):
+    import graft
+    from graft import models, runtime
+
+    model, tokenizer = models.load(name, revision=revision,
+                                   **({"dtype": choice.torch_dtype} if choice is not None else {}))
     if adapter:
         graft.load(model, adapter)
+    if choice is not None:
+        runtime.place(model, choice)
     return model, tokenizer
+
+
+def _prompt_format(args: argparse.Namespace, tok, chat: bool | None, template: str | None):
+    """The adapter's (or tuned model's) saved training format with the user's explicit choices on top;
+    one warning line when they go against it."""
+    from graft.data import promptformat
+
+    source = args.adapter or (args.model if Path(args.model).is_dir() else None)
+    saved = promptformat.read(source)
+    fmt, notes = promptformat.choose(saved, tok, chat=chat, template=template)
+    if saved is not None:
+        notes += promptformat.check_tokenizer(saved, tok)
+    if notes:
+        print(f"graft {args.verb}: warning: {'; '.join(notes)} ({source}/{promptformat.FILENAME}: "
+              f"{saved.describe()})", file=sys.stderr)
+    return fmt, saved
+
+
+def generation_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
+    """The token ids of each --prompt, rendered as the adapter was trained (or as the flags say)."""
+    fmt, _ = _prompt_format(args, tok, args.chat_template, _unescape(args.template))
+    return [fmt.prompt_ids(tok, p) for p in args.prompt]
+
+
+def _unescape(text: str | None) -> str | None:  # a shell passes "\\n" literally
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    model, tok = _load_model(args.model, args.adapter, args.revision)
+    model, tok = _load_model(args.model, args.adapter, _choice(args), args.revision)
     torch.manual_seed(args.seed)
-    if args.no_chat_template or not getattr(tok, "chat_template", None):
-        texts = list(args.prompt)
-    else:
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in args.prompt]
-    tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=args.no_chat_template)
+    prompts = generation_prompts(args, tok)
+    width = max(len(ids) for ids in prompts)
+    pad = tok.pad_token_id
+    device = next(model.parameters()).device
+    enc = {"input_ids": torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device),
+           "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
+                                          device=device)}
     sample = args.temperature > 0
     kw = {"do_sample": sample, "max_new_tokens": args.max_new_tokens, "pad_token_id": tok.pad_token_id}
     if sample:
@@ -303,20 +360,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                  revision=args.revision)
         graft.load(quant.dequantize_model(model), args.adapter)  # dense, so the merge below is exact
     else:
-        model, tok = _load_model(args.model, args.adapter, args.revision)
-    plain = graft.unload(model, merge=True).to(getattr(torch, DTYPES[args.dtype]))
+        model, tok = _load_model(args.model, args.adapter, revision=args.revision)
+    from graft import runtime
+
+    # The merge runs in fp32 wherever --device says; only the result is cast to --dtype.
+    where = runtime.resolve(args.device, "fp32")
+    out_dtype = runtime.resolve(args.device, args.dtype).param_dtype if args.dtype == "auto" else args.dtype
+    runtime.announce(runtime.Choice(where.device, out_dtype, None, "merged in fp32"), "graft merge")
+    plain = graft.unload(runtime.place(model, where), merge=True).to(getattr(torch, DTYPES[out_dtype]))
 
     def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
     atomic_dir_write(Path(args.out), write)
-    print(f"wrote a merged {args.dtype} model to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
+    print(f"wrote a merged {out_dtype} model to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def describe(path: str) -> dict:
     """What an adapter directory holds: method, rank, targets, sizes, base model."""
+    from graft.data import promptformat
     from graft.io import WEIGHTS_NAME, read_config, read_tensors
 
     cfg = read_config(path)
@@ -340,6 +404,8 @@ def describe(path: str) -> dict:
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "weights_file": WEIGHTS_NAME,
         "bytes": size,
+        # how training rendered prompts (graft_format.json), which generate / eval / serve reuse
+        "prompt_format": fmt.to_json() if (fmt := promptformat.read(path)) is not None else None,
     }
 
 
@@ -354,6 +420,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             v = f"{v:,} ({v / 1e6:.2f} MB)"
         elif k == "parameters":
             v = f"{v:,}"
+        elif k == "prompt_format" and v is not None:
+            from graft.data.promptformat import PromptFormat
+
+            v = PromptFormat.from_json(v).describe()
         print(f"{k:<{width}}  {v}")
     return 0
 
@@ -367,8 +437,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows per micro-batch (default 1)")
     p.add_argument("--goal", choices=["instructions", "reasoning", "classification", "multi-task", "no-training"],
                    help="what the fine-tuning is for; shapes the recommendation")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="weights and activations (16-bit = mixed precision); default bf16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="as graft train --dtype (16-bit = mixed precision); default auto: what graft train would "
+                        "choose on --device")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="force it on or off (default: on only where a method needs it to fit)")
@@ -376,22 +447,40 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", help="LoRA targets: comma-separated names, a regex, or all-linear")
     p.add_argument("--virtual-tokens", type=int, default=20, help="prompt / prefix tuning length (default 20)")
     p.add_argument("--logits-chunk", type=int, default=512, help="rows of the LM head computed at once")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", default="auto",
+                   help="as graft train --device: auto (this machine's CUDA GPU, else its CPU), cpu, cuda, cuda:N; "
+                        "cuda on a machine without one plans for a bf16-capable GPU")
     p.add_argument("--reserve", help="memory the runtime needs besides tensors (default 1GB on cuda, 0 on cpu)")
     p.add_argument("--tasks", type=int, default=1, help="tasks sharing one base (multi-task advice)")
     p.add_argument("--json", action="store_true", help="print one JSON object per method")
     p.add_argument("--plot", metavar="FILE.png", help="write a stacked bar chart of the memory per method")
 
 
+def plan_choice(device: str, dtype: str, hardware=None):
+    """What graft train would choose (graft.runtime.resolve, training, adapter methods) on ``device``;
+    ``cuda`` named on a machine without a GPU plans for one that computes bf16 (compute capability 8.0)."""
+    from graft import runtime
+
+    hw = runtime.detect() if hardware is None else hardware
+    device, _ = runtime.check_words(device, dtype)
+    if device.startswith("cuda") and not hw.cuda_capabilities:
+        index = int(device.partition(":")[2] or 0)
+        hw = dataclasses.replace(hw, cuda_capabilities=((8, 0),) * (index + 1))
+    return runtime.resolve(device, dtype, training=True, hardware=hw)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from graft.plan import plan
     from graft.recipe import _targets
 
+    choice = plan_choice(args.device, args.dtype)
+    print(f"graft plan: {choice.describe()}", file=sys.stderr)
     result = plan(args.model, memory=args.memory, seq_len=args.seq_len, batch=args.batch, goal=args.goal,
-                  dtype=args.dtype, optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-                  r=args.r, targets=_targets(args.targets) if args.targets else None,
-                  num_virtual_tokens=args.virtual_tokens, logits_chunk=args.logits_chunk, device=args.device,
-                  reserve=args.reserve, tasks=args.tasks)
+                  dtype=choice.compute_dtype, weight_dtype=choice.param_dtype, optimizer=args.optimizer,
+                  gradient_checkpointing=args.gradient_checkpointing, r=args.r,
+                  targets=_targets(args.targets) if args.targets else None, num_virtual_tokens=args.virtual_tokens,
+                  logits_chunk=args.logits_chunk, device=choice.torch_device.type, reserve=args.reserve,
+                  tasks=args.tasks)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -440,6 +529,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, help="prompt budget: exemplars are dropped to fit, the query "
                                                          "is never cut (default: context minus answer)")
     p.add_argument("--out", help="output directory (default runs/eval-TASK-STRATEGY)")
+    add_runtime_arguments(p)
 
 
 def _eval_sizes(args: argparse.Namespace) -> tuple[int, int]:
@@ -467,10 +557,14 @@ def _eval_labels(text: str | None) -> dict[str, str] | None:
     return {k.strip(): v.strip() for k, _, v in pairs}
 
 
-def _proxy_source(args: argparse.Namespace, model, tok):
+def _proxy_source(args: argparse.Namespace, model, tok, choice):
     """base / expert / anti-expert members for --strategy proxy."""
     import graft
-    from graft import decode, models
+    from graft import decode, models, runtime
+
+    def load(name):  # every member on the base's device, in its dtype
+        member, member_tok = models.load(name, dtype=choice.torch_dtype)
+        return runtime.place(member, choice), member_tok
 
     expert = Path(args.expert)
     if not expert.exists():
@@ -479,23 +573,48 @@ def _proxy_source(args: argparse.Namespace, model, tok):
     tokenizers = [tok]
     if (expert / "adapter_config.json").is_file():
         same = args.expert_model in (None, args.model)
-        small, small_tok = (model, tok) if same else models.load(args.expert_model)
+        small, small_tok = (model, tok) if same else load(args.expert_model)
         graft.load(small, expert, name="expert", activate=False)
+        runtime.place(small, choice)
         expert_member, anti = decode.adapter_on(small, "expert"), decode.adapter_off(small)
         tokenizers.append(small_tok)
     elif (expert / "config.json").is_file() or expert.suffix == ".gguf":
         if not args.anti_expert:
             raise CliError("--expert is a model, so --anti-expert (its untuned counterpart) is needed")
-        small, small_tok = models.load(expert)
+        small, small_tok = load(expert)
         expert_member = decode.Member(small)
         tokenizers.append(small_tok)
     else:
         raise CliError(f"--expert {args.expert} is neither an adapter directory (adapter_config.json) nor a model")
     if args.anti_expert:
-        anti_model, anti_tok = models.load(args.anti_expert)
+        anti_model, anti_tok = load(args.anti_expert)
         anti = decode.Member(anti_model)
         tokenizers.append(anti_tok)
     return decode.ProxyTuner(base, expert_member, anti, alpha=args.alpha, tokenizers=tokenizers)
+
+
+def _eval_format(args: argparse.Namespace, tok, records, fields) -> tuple[bool | None, str | None, str | None]:
+    """(chat, template, instruction) for EvalConfig: the flags where given, else the training format saved with
+    the adapter (or with a fully tuned --model directory).
+
+    The saved template applies where the rows are of the format it was written for (``exact`` on
+    rows of the training format, ``math`` after ``cot`` training); a saved system message becomes
+    the instruction (the system message, in chat) unless ``--instruction`` is given.
+    """
+    from graft.data.formats import detect_format
+
+    template = _unescape(args.template)
+    instruction = _unescape(args.instruction)
+    fmt, saved = _prompt_format(args, tok, args.chat_template, template)
+    if saved is None:
+        return args.chat_template, template, instruction
+    if template is None and saved.template is not None:
+        rows = detect_format(records[0], fields) if args.task == "exact" else None
+        if (args.task, rows) == ("exact", saved.format) or (args.task == "math" and saved.format == "cot"):
+            template = saved.template
+    if instruction is None and saved.system is not None:
+        instruction = saved.system
+    return fmt.chat, template, instruction
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -511,20 +630,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     temperature = {"temperature": args.temperature} if args.temperature is not None else {}
     if args.strategy == "self-consistency":
         temperature = {"sc_temperature": args.temperature} if args.temperature is not None else {}
-    def unescape(text: str | None) -> str | None:  # a shell passes "\\n" literally
-        return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
-
     config = decode.EvalConfig(
         task=args.task, strategy=args.strategy, shots=shots, samples=samples, selection=args.select,
-        chat=args.chat_template, template=unescape(args.template), instruction=unescape(args.instruction),
+        chat=args.chat_template, template=_unescape(args.template), instruction=_unescape(args.instruction),
         labels=_eval_labels(args.labels), fields=fields or None, max_new_tokens=args.max_new_tokens,
         top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
         **temperature,
     )
     records = data.load(args.data, split=args.data_split, config=args.data_config)
     pool = data.read(args.exemplars) if args.exemplars else records
-    model, tok = _load_model(args.model, args.adapter, args.revision)
-    source = _proxy_source(args, model, tok) if args.strategy == "proxy" else model
+    choice = _choice(args)
+    model, tok = _load_model(args.model, args.adapter, choice, args.revision)
+    chat, template, instruction = _eval_format(args, tok, records, fields or None)
+    config = dataclasses.replace(config, chat=chat, template=template, instruction=instruction)
+    source = _proxy_source(args, model, tok, choice) if args.strategy == "proxy" else model
     meta = {"model": args.model, "adapter": args.adapter, "expert": args.expert, "data": args.data}
     result = decode.evaluate(source, tok, records[: args.limit], config, pool=pool, meta=meta)
     paths = decode.write_results(result, args.out or f"runs/eval-{args.task}-{args.strategy}")
@@ -570,5 +689,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
     serve(args.model, host=args.host, port=args.port, adapters=adapters, adapter_roots=args.adapter_root,
           max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
-          served_name=args.served_name, adapter_dtype=args.adapter_dtype)
+          device=args.device, served_name=args.served_name, adapter_dtype=args.adapter_dtype)
     return 0

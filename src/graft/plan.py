@@ -1002,6 +1002,7 @@ def plan(
     device: str = "cuda",
     reserve: str | int | None = None,
     tasks: int = 1,
+    weight_dtype: str | None = None,
 ) -> Plan:
     """Plan fine-tuning ``model_or_config`` within ``memory``: every method's cost and a recommendation.
 
@@ -1023,6 +1024,9 @@ def plan(
         device: ``cuda`` or ``cpu``: which optimizer-step temporaries and default reserve apply.
         reserve: Memory the runtime takes besides tensors; default 1GB on CUDA, 0 on CPU.
         tasks: How many tasks share the base (for the multi-task advice).
+        weight_dtype: The dtype the base weights are held in, when it differs from ``dtype`` (the
+            compute dtype): ``fp32`` weights under bf16 autocast, as ``graft train`` runs on a CPU
+            with bf16 units (:func:`graft.runtime.resolve`). None: ``dtype``.
 
     Raises:
         ValueError: A bad memory string, unknown model or preset, unknown goal/dtype/optimizer, a
@@ -1030,8 +1034,11 @@ def plan(
     """
     settings = _settings(memory, seq_len, batch, goal, dtype, optimizer, gradient_checkpointing, logits_chunk,
                          device, reserve, tasks)
+    weights = settings.dtype if weight_dtype is None else _DTYPE_ALIASES.get(str(weight_dtype), str(weight_dtype))
+    if weights not in DTYPES:
+        raise ValueError(f"plan weight_dtype={weight_dtype!r} is not one of {tuple(DTYPES)}")
     name, config = load_config(model_or_config)
-    model = build_meta(config, DTYPES[settings.dtype])
+    model = build_meta(config, DTYPES[weights])
     shape = _shape(model)
     base_total = sum(p.numel() for p in model.parameters())
     try:
@@ -1045,6 +1052,8 @@ def plan(
                for e in _estimates(model, group, settings, shape, base_total, quantized)}
     rows = [by_name[c] for c in ROWS]
     notes = []
+    if weights != settings.dtype:
+        notes.append(f"base weights in {weights}, matmuls under {settings.dtype} autocast (as graft train runs here)")
     if shape.family == "generic":
         notes.append(f"{config.model_type}: activations planned as a Llama-style block from the config's sizes")
     inference = _inference_bytes(model, shape, settings)

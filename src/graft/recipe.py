@@ -47,6 +47,7 @@ class Job:
     max_length: int = 512
     train_on_prompt: bool = False
     chat_template: bool = False
+    system: str | None = None  # a system message first in every chat-template conversation
     packing: bool = True
     method: str = "lora"
     method_args: dict | None = None  # the method's own settings, e.g. {num_virtual_tokens: 20}
@@ -60,6 +61,8 @@ class Job:
     quantize: str | None = None  # nf4, fp4 or int8: a bitsandbytes base (QLoRA); None: full precision
     init: str = "default"  # LoRA family: default, gaussian, pissa, olora, or loftq (with quantize nf4/fp4)
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (graft.train.distributed); ignored in one process
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (graft.runtime.resolve); under torchrun: each rank's GPU
+    dtype: str = "auto"  # auto, fp32, bf16 or fp16: the precision (graft.runtime.resolve)
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
     push_to_hub: str | None = None  # after training, upload the adapter to this hub repository (org/name)
     hub_private: bool = False  # with push_to_hub: create the repository as private
@@ -67,6 +70,9 @@ class Job:
     def __post_init__(self) -> None:
         _check_types(self)
         self.distributed()  # a bad strategy or timeout fails here, before anything is loaded
+        from graft.runtime import check_words
+
+        object.__setattr__(self, "dtype", check_words(self.device, self.dtype)[1])  # "bfloat16" -> "bf16"
         if self.quantize is not None:
             from graft.quant import check_mode
 
@@ -221,10 +227,15 @@ def build_method(job: Job):
     return cls(**args)
 
 
-def prepare(job: Job, config: TrainConfig):
-    """Load data, model and adapter; return (model, tokenizer, train rows, eval rows, collate)."""
+def prepare(job: Job, config: TrainConfig, info: dict | None = None):
+    """Load data, model and adapter; return (model, tokenizer, train rows, eval rows, collate, label map).
+
+    ``info``, when given, receives what was found on the way: ``format``, the data format (as
+    given or detected).
+    """
     import graft
-    from graft import data, models, quant
+    from graft import data, models, runtime
+    from graft.train import distributed
 
     if job.data is None:
         raise ValueError("no training data: pass --data FILE (jsonl, json, csv, tsv, parquet), a datasets directory "
@@ -248,20 +259,25 @@ def prepare(job: Job, config: TrainConfig):
         records = [records[i] for i in order[cut:]]
     classification = config.task == "classification"
     label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
-    compute = quant.default_compute_dtype()
+    choice, _ = precision(job, config)
+    compute = runtime.DTYPES[choice.compute_dtype]  # what a 4-bit layer multiplies in: the run's precision
     loftq = job.init == "loftq"  # loaded in full precision: LoftQ quantizes and attaches together
     kbit = {"quantize": job.quantize, "compute_dtype": compute} if job.quantize and not loftq else {}
+    # A quantized base keeps its non-quantized weights (norms, embeddings, head) in full precision.
+    weights = {} if job.quantize else {"dtype": choice.torch_dtype}
     if classification:
         model, tokenizer = models.load(job.model, task="sequence-classification", num_labels=len(label_map),
-                                       revision=job.revision, **kbit)
+                                       revision=job.revision, **kbit, **weights)
     else:
-        model, tokenizer = models.load(job.model, revision=job.revision, **kbit)
+        model, tokenizer = models.load(job.model, revision=job.revision, **kbit, **weights)
     if job.quantize and not loftq:
         graft.prepare_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     fmt = job.format or ("classification" if classification else None)
+    if info is not None:
+        info["format"] = fmt or _detected_format(records[0], fields or None)
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
-          "label_map": label_map}
+          "label_map": label_map, **({"system": job.system} if job.system is not None else {})}
     train_ex = data.tokenize(records, tokenizer, **kw)
     eval_ex = data.tokenize(eval_records, tokenizer, **kw) if eval_records else None
     method = build_method(job)
@@ -270,12 +286,66 @@ def prepare(job: Job, config: TrainConfig):
                     gradient_checkpointing=config.gradient_checkpointing)
     elif method is not None:
         graft.attach(model, method)
+    runtime.keep_trainable_fp32(model)  # a new classification head on a 16-bit base, say
+    if not distributed.launched():  # under torchrun each rank's GPU is chosen by graft.train.distributed
+        runtime.place(model, choice)
     # Input-side methods (prompt, prefix) put virtual tokens in front of every row: one example per row.
     # LLM.int8() inference picks its 16-bit outlier columns over the whole batch, so the examples in a
     # packed row are not numerically independent (the packing check sees logits move): int8 trains unpacked.
     packing = (job.packing and not classification and not getattr(method, "input_side", False)
                and job.quantize != "int8")
     return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length, packing), label_map
+
+
+def _detected_format(record, fields) -> str | None:
+    """The data format of ``record``, or None where no format of graft.data matches (rows another
+    objective reads, e.g. preference pairs): such a run saves no prompt format."""
+    from graft.data import DataError, detect_format
+
+    try:
+        return detect_format(record, fields)
+    except DataError:
+        return None
+
+
+def precision(job: Job, config: TrainConfig):
+    """The device and precision of a training run, and ``config`` with its ``autocast`` set to match.
+
+    ``autocast`` (the older option) and ``dtype`` name one thing: given alone, ``autocast: bf16``
+    means ``dtype: bf16``; given both, they must agree.
+    """
+    from graft import runtime
+    from graft.train import distributed
+
+    dtype = job.dtype
+    if config.autocast is not None:
+        if dtype == "auto":
+            dtype = config.autocast
+        elif dtype != config.autocast:
+            raise ValueError(f"autocast={config.autocast!r} contradicts dtype={job.dtype!r}; give dtype alone "
+                             "(autocast is its older name)")
+    device = job.device
+    if distributed.launched() and device == "auto":
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    choice = runtime.resolve(device, dtype, training=True, full=job.method == "full")
+    if choice.autocast_dtype != config.autocast:
+        config = dataclasses.replace(config, autocast=choice.autocast_dtype)
+    return choice, config
+
+
+def write_prompt_format(adapter_dir: str | Path, job: Job, tokenizer, format: str) -> Path:
+    """Save how training rendered prompts (``graft_format.json``, beside the adapter or the fully tuned model),
+    so inference renders them the same way."""
+    from graft.data import promptformat
+
+    fmt = promptformat.from_training(tokenizer, format, chat_template=job.chat_template, template=job.template,
+                                     fields={k: v for k, v in (("text", job.text_field), ("label", job.label_field))
+                                             if v} or None,
+                                     system=job.system, train_on_prompt=job.train_on_prompt,
+                                     max_length=job.max_length)
+    return promptformat.write(adapter_dir, fmt)
 
 
 def make_collate(model, tokenizer, max_length: int, packed: bool):
@@ -296,16 +366,23 @@ def make_collate(model, tokenizer, max_length: int, packed: bool):
 
 def run(job: Job, config: TrainConfig, resume: bool = False):
     """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``."""
+    from graft import runtime
     from graft.train import distributed, train
 
     distributed.init_process_group(job.dist_timeout)  # under torchrun; first, so each rank picks its own GPU
-    model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config)
+    choice, config = precision(job, config)
+    if distributed.is_main():
+        runtime.announce(choice)
+    found: dict[str, Any] = {}
+    model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, found)
     result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume,
                    distributed=job.distributed())
     if config.out_dir and distributed.is_main():
         out = Path(config.out_dir)
         target = out / ("adapter" if job.method != "full" else "model")
         tokenizer.save_pretrained(target)
+        if found["format"] is not None:
+            write_prompt_format(target, job, tokenizer, found["format"])
         info = {"job": dataclasses.asdict(job), "train": dataclasses.asdict(config), "label_map": label_map}
         (out / "job.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     return model, tokenizer, result

@@ -17,6 +17,7 @@ truncated rows are counted in a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ def tokenize(
     fields: Mapping[str, str] | None = None,
     label_map: Mapping[int | str, int] | None = None,
     on_overflow: str = "error",
+    system: str | None = None,
 ) -> list[Example]:
     """Render, tokenise and mask a data set.
 
@@ -118,6 +120,8 @@ def tokenize(
             :func:`graft.data.label_map`; pass the training map when tokenising evaluation data.
         on_overflow: What to do with a row whose response alone exceeds ``max_length``: one of
             :data:`OVERFLOW`.
+        system: A system message put first in every conversation rendered through the chat
+            template (``chat`` rows that start with their own system message keep theirs).
 
     Returns:
         The examples, in order (minus skipped ones).
@@ -137,6 +141,9 @@ def tokenize(
         template = Template(prompt=template)
     if chat_template and format in ("text", *CLASSIFICATION_FORMATS):
         raise DataError(f"chat_template=True applies to alpaca, completion and cot rows, not {format!r}")
+    if system is not None and not (chat_template or format == "chat"):
+        raise DataError(f"system= is a chat-template message; {format!r} rows are rendered without the chat template "
+                        "(pass chat_template=True, or put the text in the template)")
     if format in CLASSIFICATION_FORMATS:
         return _tokenize_classes(records, tokenizer, format, template, max_length, fields, label_map)
     if label_map is not None:
@@ -146,6 +153,8 @@ def tokenize(
         )
     chat = chat_template or format == "chat"
     rendered = [render(r, format, template, chat=chat_template, fields=fields) for r in records]
+    if system is not None:
+        rendered = [_with_system(item, system) for item in rendered]
     pieces = [
         _pieces(tokenizer, item, record.where) if chat else _plain_pieces(item)
         for item, record in zip(rendered, records)
@@ -198,6 +207,14 @@ def _supervised(example: Any) -> int:
 def _all_records(records: Any) -> bool:
     """Whether ``records`` is a non-empty sequence of :class:`Record` (else it goes through :func:`read`)."""
     return isinstance(records, Sequence) and bool(records) and all(isinstance(r, Record) for r in records)
+
+
+def _with_system(rendered: Rendered, system: str) -> Rendered:
+    """The conversation with ``system`` first, unless it starts with a system message of its own."""
+    messages = rendered.messages or ()
+    if messages and messages[0]["role"] == "system":
+        return rendered
+    return dataclasses.replace(rendered, messages=({"role": "system", "content": system}, *messages))
 
 
 def _plain_pieces(rendered: Rendered) -> list[tuple[str, bool]]:

@@ -104,12 +104,14 @@ class Member:
         keep: int = 1,
         cache: bool = True,
     ) -> tuple[torch.Tensor, Any]:
+        # The decode loop keeps its small bookkeeping tensors on the CPU; the model may be on a GPU.
+        device = next(self.model.parameters()).device
         with torch.no_grad(), self.applied(), contiguous_head(self.model):
             out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past, use_cache=cache, logits_to_keep=keep,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device), past_key_values=past, use_cache=cache, logits_to_keep=keep,
             )
-        return out.logits[:, -keep:].float(), (out.past_key_values if cache else None)
+        return out.logits[:, -keep:].float().cpu(), (out.past_key_values if cache else None)
 
 
 @contextlib.contextmanager

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from graft.data import promptformat
 from graft.serve.app import Limits, create_app
 from graft.serve.engine import Engine, EngineClosed, Event, Result, Sampling
 from graft.serve.registry import AdapterError, AdapterRegistry
@@ -44,9 +46,10 @@ def build(
     api_keys: Sequence[str] | None = None,
     limits: Limits | None = None,
     max_batch: int = 64,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     served_name: str | None = None,
     adapter_dtype: str = "auto",
+    device: str = "auto",
 ) -> tuple[Any, Engine]:
     """The app and its (started) engine, for embedding in your own ASGI server or tests.
 
@@ -58,22 +61,25 @@ def build(
         max_loaded: Most adapters held in memory; others reload from disk when asked for.
         api_keys: Bearer keys; none = open server.
         max_batch: Most requests decoded together.
-        dtype: ``fp32``, ``bf16`` or ``fp16`` when ``model`` is a name.
+        dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16`` when ``model`` is a name
+            (:func:`graft.runtime.resolve`; auto: bf16 or fp16 on a GPU, fp32 on a CPU).
         served_name: The ``model`` name of the base (default: the name or path given).
         adapter_dtype: The dtype adapters are served in: ``auto`` (the base model's floating
             dtype: bf16 adapters on a bf16 base), or ``fp32``, ``bf16``, ``fp16``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` when ``model`` is a name.
     """
-    import torch
-
     from graft import models
 
     if adapter_dtype != "auto" and adapter_dtype not in DTYPES:
         raise ValueError(f"adapter_dtype must be 'auto' or one of {sorted(DTYPES)}, got {adapter_dtype!r}")
     if isinstance(model, (str, os.PathLike)):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        from graft import runtime
+
+        choice = runtime.resolve(device, dtype)
+        runtime.announce(choice, "graft serve")
         name = served_name or str(model)
-        model, tokenizer = models.load(model, dtype=getattr(torch, DTYPES[dtype]))
+        model, tokenizer = models.load(model, dtype=choice.torch_dtype)
+        runtime.place(model, choice)
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer with a loaded model")
@@ -82,6 +88,10 @@ def build(
     engine = Engine(model, tokenizer, registry=registry, max_batch=max_batch)
     for adapter, path in (adapters or {}).items():
         registry.register(adapter, path, trusted=True)
+        fmt = promptformat.read(path)
+        if fmt is not None:
+            print(f"graft serve: adapter {adapter}: chat requests rendered in its training format ({fmt.describe()})",
+                  file=sys.stderr)
         if max_loaded is None or len(registry.loaded()) < max_loaded:
             registry.acquire(adapter)  # the engine thread is not running yet: attach here
             registry.release(adapter)

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from graft.data import promptformat
 from graft.serve.engine import Engine, EngineClosed, Event, Sampling
 from graft.serve.registry import AdapterError, AdapterRegistry
 
@@ -215,11 +216,19 @@ def create_app(
             else:
                 text = m.content or ""
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as err:
-            raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from err
-        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        # An adapter that saved its training format (graft_format.json) gets its prompts rendered that way.
+        fmt = promptformat.read_cached(registry.paths.get(body.model)) if body.model != base else None
+        if fmt is not None:
+            try:
+                ids = fmt.messages_ids(engine.tokenizer, messages)
+            except ValueError as err:
+                raise ApiError(400, f"adapter {body.model!r}: {err}", param="messages") from err
+        else:
+            try:
+                ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as err:
+                raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from err
+            ids = ids["input_ids"] if not isinstance(ids, list) else ids
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         return await _run(request, body, [list(ids)], chat=True)
