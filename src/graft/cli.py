@@ -145,6 +145,13 @@ TRAIN_FLAGS = [
     ("--out", str, "output directory (adapter, checkpoints, metrics.jsonl, loss.png)"),
     ("--strategy", str, "under torchrun: ddp (model on every rank) or fsdp (frozen base sharded across ranks)"),
     ("--dist-timeout", float, "under torchrun: seconds a collective waits for the other ranks (default 1800)"),
+    ("--objective", str, ("sft (default) or dpo: preference pairs (prompt / chosen / rejected), the base with the "
+                         "adapter disabled as reference")),
+    ("--beta", float, "DPO beta: how far the adapter may move from the base (default 0.1)"),
+    ("--label-smoothing", float, "conservative DPO: assumed probability a preference is flipped, in [0, 0.5)"),
+    ("--report-to", str, "none, tensorboard, wandb or mlflow (comma-separated for several), besides metrics.jsonl"),
+    ("--early-stopping-patience", int, "stop after N evaluations without improvement (needs --eval-every)"),
+    ("--early-stopping-threshold", float, "least eval-loss decrease that counts as an improvement (default 0)"),
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
@@ -152,6 +159,8 @@ TRAIN_SWITCHES = [
     ("--chat-template", "render prompts with the tokenizer's chat template"),
     ("--gradient-checkpointing", "recompute activations in backward to save memory"),
     ("--release-cpu-memory", "CPU on Linux: hand freed memory back at once (measured: peak RSS 0.73x, time 1.46x)"),
+    ("--precompute-ref", "DPO: compute the reference log-probabilities once before training, not every step"),
+    ("--keep-best", "save the adapter of the evaluation with the lowest eval loss (needs --eval-every)"),
 ]
 
 
@@ -203,7 +212,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
           + f", {result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {result.saved_to}")
+    _print_outcome(result)
     return 0
+
+
+def _print_outcome(result) -> None:
+    """Why the run ended early, which weights were saved, and where every output went."""
+    from graft.train.report import outputs_summary
+
+    if result.stopped_early:
+        print(f"stopped after step {result.steps}: {result.stopped_early}")
+    if result.best_step is not None:
+        best = next((e["eval_loss"] for e in result.evals if e["step"] == result.best_step), None)
+        print(f"saved the best weights: step {result.best_step}" + (f" (eval loss {best:.4f})" if best is not None else "")
+              + ", not the last step's")
+    if result.outputs:
+        print(outputs_summary(result.outputs))
 
 
 def _load_model(name: str, adapter: str | None):

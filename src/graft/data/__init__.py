@@ -23,6 +23,7 @@ from graft.data.formats import (
     serialize_row,
 )
 from graft.data.packing import PackedRow, PackingNotSupported, check_packing, collate, pack
+from graft.data.preference import PreferencePair, collate_pairs, is_preference_row, tokenize_pairs
 from graft.data.readers import FILE_FORMATS, DataError, Record, read
 from graft.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, Template, fill
 from graft.data.tokenize import IGNORE_INDEX, OVERFLOW, Example, Stats, stats, tokenize
@@ -39,14 +40,17 @@ __all__ = [
     "FormatSpec",
     "PackedRow",
     "PackingNotSupported",
+    "PreferencePair",
     "Record",
     "Rendered",
     "Stats",
     "Template",
     "check_packing",
     "collate",
+    "collate_pairs",
     "detect_format",
     "fill",
+    "is_preference_row",
     "label_map",
     "pack",
     "parse_gsm8k",
@@ -55,4 +59,5 @@ __all__ = [
     "serialize_row",
     "stats",
     "tokenize",
+    "tokenize_pairs",
 ]
