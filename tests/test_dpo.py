@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_llama
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast
@@ -16,7 +17,6 @@ from graft import core, data
 from graft.data import DataError
 from graft.train import TrainConfig, train
 from graft.train.dpo import DPOLoss, dpo_loss, precompute_reference, sequence_logps
-from tests.conftest import VOCAB, tiny_llama
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
         "{% if add_generation_prompt %}<assistant> {% endif %}")
