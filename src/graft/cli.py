@@ -220,13 +220,14 @@ def _print_outcome(result) -> None:
     """Why the run ended early, which weights were saved, and where every output went."""
     from graft.train.report import outputs_summary
 
-    if result.stopped_early:
-        print(f"stopped after step {result.steps}: {result.stopped_early}")
-    if result.best_step is not None:
-        best = next((e["eval_loss"] for e in result.evals if e["step"] == result.best_step), None)
-        print(f"saved the best weights: step {result.best_step}" + (f" (eval loss {best:.4f})" if best is not None else "")
+    stopped, best_step = getattr(result, "stopped_early", None), getattr(result, "best_step", None)
+    if stopped:
+        print(f"stopped after step {result.steps}: {stopped}")
+    if best_step is not None:
+        best = next((e["eval_loss"] for e in result.evals if e["step"] == best_step), None)
+        print(f"saved the best weights: step {best_step}" + (f" (eval loss {best:.4f})" if best is not None else "")
               + ", not the last step's")
-    if result.outputs:
+    if getattr(result, "outputs", None):
         print(outputs_summary(result.outputs))
 
 
