@@ -240,3 +240,14 @@ def test_cli_sft_summary_names_the_detected_format(tmp_path, tiny_model_dir, cap
     assert "data format: completion (detected)" in text and "sft on 6 examples" in text
     tokens = data.stats(data.tokenize(data.read(str(rows)), word_tokenizer())).tokens
     assert f"({tokens:,} tokens)" in text
+
+
+def test_cli_preference_rows_need_the_dpo_objective(tmp_path, tiny_model_dir, capsys):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(4)))
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(prefs), "--out", str(tmp_path / "a")])
+    assert code == 2 and "--objective dpo" in capsys.readouterr().err
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(prefs), "--objective", "dpo",
+                     "--format", "chat", "--out", str(tmp_path / "b")])
+    assert code == 2 and "does not apply to objective=dpo" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "adapter").exists()

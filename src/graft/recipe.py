@@ -242,7 +242,13 @@ def prepare(job: Job, config: TrainConfig, info: dict[str, Any] | None = None):
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
           "label_map": label_map}
     pairs = config.objective == "dpo"
+    if not pairs and data.is_preference_row(records[0].data):
+        raise ValueError(f"{records[0].where} has 'chosen' and 'rejected': preference pairs train with "
+                         "objective=dpo (--objective dpo)")
     if pairs:
+        if job.format is not None:
+            raise ValueError(f"format={job.format!r} does not apply to objective=dpo: preference rows are "
+                             "prompt / chosen / rejected (strings or message lists)")
         if job.train_on_prompt:
             raise ValueError("train_on_prompt does not apply to objective=dpo: DPO scores the responses only")
         kw = {"template": job.template, "max_length": job.max_length, "chat_template": job.chat_template}

@@ -343,6 +343,8 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
     With ``dist``, ``batches`` are this rank's: the step is normalised by the supervised count of all
     ranks and the trainable gradients are summed across ranks before clipping.
     """
+    if isinstance(loss_fn, dpo.DPOLoss):
+        loss_fn.take_metrics()  # only this step's pairs (not a method's preparation pass) count
     supervised = sum(_count(b, config) for b in batches)
     if dist is not None:
         supervised = dist.sum_count(supervised)
