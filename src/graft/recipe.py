@@ -310,8 +310,9 @@ def run(job: Job, config: TrainConfig, resume: bool = False, callbacks=()):
     """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``."""
     from graft.train import distributed, train
     from graft.train.loop import planned_steps
-    from graft.train.report import startup_summary
+    from graft.train.report import check_available, startup_summary
 
+    check_available(config)  # a missing metrics backend fails before the model is loaded
     distributed.init_process_group(job.dist_timeout)  # under torchrun; first, so each rank picks its own GPU
     seen: dict[str, Any] = {}
     model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, seen)

@@ -102,6 +102,12 @@ class MLflow:
 BACKENDS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": MLflow}
 
 
+def check_available(config: TrainConfig) -> None:
+    """Fail now, before any loading, when a backend of ``config.report_to`` is not installed."""
+    for name in config.reporters():
+        _require(name, name)
+
+
 class Reporters:
     """The backends of ``config.report_to``, opened together and fed every logged record."""
 
