@@ -92,7 +92,13 @@ def main() -> None:
     before = scores(ref, ref, args.beta)
     t0 = time.time()
     steps: list[dict] = []
-    result = train(model, train_pairs, collate, cfg, on_step=steps.append)
+
+    def show(info) -> None:
+        steps.append(info)
+        print(f"step {info.step}: loss {info.loss:.4f}, margin {info['rewards/margins']:.4f}, "
+              f"accuracy {info['rewards/accuracies']:.2f}", flush=True)
+
+    result = train(model, train_pairs, collate, cfg, on_step=show)
     seconds = time.time() - t0
     after = scores(logps(model, heldout, collate, reference=False), ref, args.beta)
     print(f"SmolLM2-135M-Instruct + LoRA r=16 all-linear, DPO beta={args.beta}, {result.steps} steps x "
