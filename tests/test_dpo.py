@@ -99,6 +99,8 @@ def test_message_pairs_mask_every_prompt_turn_including_earlier_assistant_turns(
     assert pair.chosen.input_ids[:n] == pair.rejected.input_ids[:n]
     explicit = {"prompt": history, "chosen": [row["chosen"][-1]], "rejected": [row["rejected"][-1]]}
     assert data.tokenize_pairs([explicit], tok) == [pair]
+    repeated = {"prompt": history, **row}  # UltraFeedback's layout: the lists repeat the prompt
+    assert data.tokenize_pairs([repeated], tok) == [pair]
 
 
 @pytest.mark.parametrize("row, message", [

@@ -251,3 +251,14 @@ def test_cli_preference_rows_need_the_dpo_objective(tmp_path, tiny_model_dir, ca
                      "--format", "chat", "--out", str(tmp_path / "b")])
     assert code == 2 and "does not apply to objective=dpo" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "adapter").exists()
+
+
+def test_yaml_takes_the_new_keys(tmp_path):
+    from graft import recipe
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data: prefs.jsonl\nobjective: dpo\nbeta: 2e-1\nlabel_smoothing: 0.1\nreport_to: [tensorboard]\n"
+                    "eval_every: 5\nearly_stopping_patience: 2\nkeep_best: true\n")
+    _, cfg = recipe.split_options(recipe.read_yaml(path))
+    assert (cfg.objective, cfg.beta, cfg.label_smoothing, cfg.report_to) == ("dpo", 0.2, 0.1, "tensorboard")
+    assert cfg.reporters() == ["tensorboard"] and cfg.early_stopping_patience == 2 and cfg.keep_best

@@ -8,7 +8,8 @@ Rows take either form:
   a ``template`` renders the prompt from the row's other fields.
 * ``{"chosen": [messages], "rejected": [messages]}`` with an optional ``prompt`` (a string: one user
   message; or a list of messages). Without a prompt, the messages the two lists share from the start
-  are the prompt. Rendered by the tokenizer's chat template.
+  are the prompt; lists that repeat the given prompt before the response are read the same way.
+  Rendered by the tokenizer's chat template.
 
 Only the response is supervised: every prompt token (assistant turns inside a multi-turn prompt
 included) has label ``-100``. Chosen and rejected keep the *same* prompt tokens: when a pair is too
@@ -157,6 +158,8 @@ def _message_pieces(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple
         head = [{"role": m["role"], "content": m["content"]} for m in head]
     if not head:
         raise DataError(f"{where}: no prompt: give a 'prompt', or chosen/rejected lists that open with the same turns")
+    if all(list(side[:len(head)]) == head for side in (chosen, rejected)) and min(len(chosen), len(rejected)) > len(head):
+        chosen, rejected = chosen[len(head):], rejected[len(head):]  # lists that repeat the prompt (UltraFeedback)
     sides = [_chat_ids(tokenizer, head + list(side), prompt_turns=len(head), where=where) for side in (chosen, rejected)]
     return _common(sides, where)
 
