@@ -301,3 +301,19 @@ def test_precomputed_reference_trains_the_same():
     done = precompute_reference(model, rows, collate, batch_size=4)
     assert all(p.ref_logps is not None for p in done) and all(p.ref_logps is None for p in rows)
     assert "ref_logps" in collate(done[:2])
+
+
+def test_grad_accumulation_and_checkpointing_give_the_same_step():
+    """A step's loss is the mean over its pairs however they are split into micro-batches."""
+    rows = data.tokenize_pairs(pair_rows(8), word_tokenizer())
+    collate = lambda b: data.collate_pairs(b, 0, packed=True, max_length=32)
+    results = []
+    for kw in ({"batch_size": 4}, {"batch_size": 2, "grad_accum": 2}, {"batch_size": 4, "gradient_checkpointing": True}):
+        model = lora_model()
+        result = train(model, rows, collate, TrainConfig(objective="dpo", lr=1e-2, max_steps=1, progress=False, **kw))
+        results.append((result.losses[0], {n: p.detach().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}))
+    for loss, weights in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-6
+        for name, value in weights.items():
+            torch.testing.assert_close(value, results[0][1][name], atol=1e-6, rtol=1e-5)
