@@ -190,6 +190,13 @@ TRAIN_FLAGS = [
     ("--strategy", str, "under torchrun: ddp (model on every rank) or fsdp (frozen base sharded across ranks)"),
     ("--dist-timeout", float, "under torchrun: seconds a collective waits for the other ranks (default 1800)"),
     ("--push-to-hub", str, "after training, upload the adapter to this hub repository (org/name), with a model card"),
+    ("--objective", str, ("sft (default) or dpo: preference pairs (prompt / chosen / rejected), the base with the "
+                         "adapter disabled as reference")),
+    ("--beta", float, "DPO beta: how far the adapter may move from the base (default 0.1)"),
+    ("--label-smoothing", float, "conservative DPO: assumed probability a preference is flipped, in [0, 0.5)"),
+    ("--report-to", str, "none, tensorboard, wandb or mlflow (comma-separated for several), besides metrics.jsonl"),
+    ("--early-stopping-patience", int, "stop after N evaluations without improvement (needs --eval-every)"),
+    ("--early-stopping-threshold", float, "least eval-loss decrease that counts as an improvement (default 0)"),
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
@@ -198,6 +205,8 @@ TRAIN_SWITCHES = [
     ("--gradient-checkpointing", "recompute activations in backward to save memory"),
     ("--release-cpu-memory", "CPU on Linux: hand freed memory back at once (measured: peak RSS 0.73x, time 1.46x)"),
     ("--hub-private", "with --push-to-hub: create the repository as private"),
+    ("--precompute-ref", "DPO: compute the reference log-probabilities once before training, not every step"),
+    ("--keep-best", "save the adapter of the evaluation with the lowest eval loss (needs --eval-every)"),
 ]
 
 
@@ -256,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
           + f", {result.seconds:.0f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {result.saved_to}")
+    _print_outcome(result)
     if job.push_to_hub:
         from graft import hub
 
@@ -266,6 +276,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                            f"Retry with: graft push --adapter {result.saved_to} --repo {job.push_to_hub}") from None
         print(f"pushed {result.saved_to} to {job.push_to_hub}: {url}")
     return 0
+
+
+def _print_outcome(result) -> None:
+    """Why the run ended early, which weights were saved, and where every output went."""
+    from graft.train.report import outputs_summary
+
+    stopped, best_step = getattr(result, "stopped_early", None), getattr(result, "best_step", None)
+    if stopped:
+        print(f"stopped after step {result.steps}: {stopped}")
+    if best_step is not None:
+        best = next((e["eval_loss"] for e in result.evals if e["step"] == best_step), None)
+        print(f"saved the best weights: step {best_step}" + (f" (eval loss {best:.4f})" if best is not None else "")
+              + ", not the last step's")
+    if getattr(result, "outputs", None):
+        print(outputs_summary(result.outputs))
 
 
 def _choice(args: argparse.Namespace):

@@ -560,20 +560,30 @@ def _check_names(state: GraftState, names: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class Report:
-    """Trainable-parameter report, printed like peft's ``print_trainable_parameters``."""
+    """Trainable-parameter report, printed like peft's ``print_trainable_parameters``.
+
+    ``adapter`` counts the parameters of every attached adapter whether or not they require grad (an
+    adapter loaded for inference is frozen, so it is not in ``trainable``); ``by_adapter`` per name.
+    """
 
     trainable: int
     total: int
+    adapter: int = 0
+    by_adapter: tuple[tuple[str, int], ...] = ()
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {self.percent:.4f}"
         )
+        if self.adapter and self.adapter != self.trainable:  # e.g. a loaded, frozen adapter
+            names = ", ".join(f"{n}: {c:,}" for n, c in self.by_adapter)
+            text += f" || adapter params: {self.adapter:,} ({names})"
+        return text
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -584,11 +594,18 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def report(model: nn.Module) -> Report:
-    """Count trainable and total parameters (shared tensors once)."""
+    """Count trainable and total parameters (shared tensors once), and each adapter's parameters."""
     trainable = total = 0
     for p in model.parameters():
         n = _numel(p)
         total += n
         if p.requires_grad:
             trainable += n
-    return Report(trainable=trainable, total=total)
+    by_adapter, seen = [], set()
+    state = getattr(model, STATE_ATTR, None)
+    for name in state.methods if state is not None else ():
+        params = [p for p in adapter_parameters(model, name).values() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        by_adapter.append((name, sum(_numel(p) for p in params)))
+    return Report(trainable=trainable, total=total, adapter=sum(c for _, c in by_adapter),
+                  by_adapter=tuple(by_adapter))

@@ -227,11 +227,12 @@ def build_method(job: Job):
     return cls(**args)
 
 
-def prepare(job: Job, config: TrainConfig, info: dict | None = None):
+def prepare(job: Job, config: TrainConfig, info: dict[str, Any] | None = None):
     """Load data, model and adapter; return (model, tokenizer, train rows, eval rows, collate, label map).
 
-    ``info``, when given, receives what was found on the way: ``format``, the data format (as
-    given or detected).
+    ``info``, when given, receives what was found on the way: ``format``, the data format (as given or
+    detected; None for rows no format matches, e.g. preference pairs), and ``description``, the same in
+    words for the start-up summary.
     """
     import graft
     from graft import data, models, runtime
@@ -278,8 +279,24 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
           "label_map": label_map, **({"system": job.system} if job.system is not None else {})}
-    train_ex = data.tokenize(records, tokenizer, **kw)
-    eval_ex = data.tokenize(eval_records, tokenizer, **kw) if eval_records else None
+    pairs = config.objective == "dpo"
+    if not pairs and data.is_preference_row(records[0].data):
+        raise ValueError(f"{records[0].where} has 'chosen' and 'rejected': preference pairs train with "
+                         "objective=dpo (--objective dpo)")
+    if pairs:
+        if job.format is not None:
+            raise ValueError(f"format={job.format!r} does not apply to objective=dpo: preference rows are "
+                             "prompt / chosen / rejected (strings or message lists)")
+        if job.train_on_prompt:
+            raise ValueError("train_on_prompt does not apply to objective=dpo: DPO scores the responses only")
+        kw = {"template": job.template, "max_length": job.max_length, "chat_template": job.chat_template}
+        train_ex = data.tokenize_pairs(records, tokenizer, **kw)
+        eval_ex = data.tokenize_pairs(eval_records, tokenizer, **kw) if eval_records else None
+    else:
+        train_ex = data.tokenize(records, tokenizer, **kw)
+        eval_ex = data.tokenize(eval_records, tokenizer, **kw) if eval_records else None
+    if info is not None:
+        info["description"] = _describe_format(records[0].data, fmt, fields, pairs)
     method = build_method(job)
     if loftq:
         graft.loftq(model, method, quant_type=job.quantize, compute_dtype=str(compute).removeprefix("torch."),
@@ -294,7 +311,8 @@ def prepare(job: Job, config: TrainConfig, info: dict | None = None):
     # packed row are not numerically independent (the packing check sees logits move): int8 trains unpacked.
     packing = (job.packing and not classification and not getattr(method, "input_side", False)
                and job.quantize != "int8")
-    return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length, packing), label_map
+    collate = make_collate(model, tokenizer, job.max_length, packing, pairs=pairs)
+    return model, tokenizer, train_ex, eval_ex, collate, label_map
 
 
 def _detected_format(record, fields) -> str | None:
@@ -348,7 +366,19 @@ def write_prompt_format(adapter_dir: str | Path, job: Job, tokenizer, format: st
     return promptformat.write(adapter_dir, fmt)
 
 
-def make_collate(model, tokenizer, max_length: int, packed: bool):
+def _describe_format(row: dict[str, Any], fmt: str | None, fields: dict[str, str], pairs: bool) -> str:
+    """The data format, and whether it was given or detected (for the start-up summary)."""
+    from graft import data
+
+    if pairs:
+        kind = "message lists" if isinstance(row.get("chosen"), list) else "prompt / chosen / rejected"
+        return f"preference pairs ({kind})"
+    if fmt is not None:
+        return fmt
+    return f"{data.detect_format(data.read([row])[0], fields or None)} (detected)"
+
+
+def make_collate(model, tokenizer, max_length: int, packed: bool, pairs: bool = False):
     """Batches of examples -> tensors. With packing, each batch's examples are packed into as few
     rows as fit ``max_length`` (padding-free, attention confined per example), so an optimizer step
     sees exactly the examples it would see unpacked: same loss, fewer wasted pad tokens.
@@ -356,6 +386,10 @@ def make_collate(model, tokenizer, max_length: int, packed: bool):
     from graft import data
 
     pad = tokenizer.pad_token_id
+    if pairs:  # DPO: the chosen and rejected sequences of a batch in one forward, packed like SFT rows
+        if packed:
+            data.check_packing(model, use_cache=False)
+        return lambda batch: data.collate_pairs(batch, pad, packed=packed, max_length=max_length)
     if not packed:
         return lambda batch: data.collate(batch, pad, packed=False)
     # Packed rows are confined per example only without a KV cache: the trainer calls the model
@@ -364,19 +398,25 @@ def make_collate(model, tokenizer, max_length: int, packed: bool):
     return lambda batch: data.collate(data.pack(batch, max_length), pad, packed=True)
 
 
-def run(job: Job, config: TrainConfig, resume: bool = False):
+def run(job: Job, config: TrainConfig, resume: bool = False, callbacks=()):
     """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``."""
     from graft import runtime
     from graft.train import distributed, train
+    from graft.train.loop import planned_steps
+    from graft.train.report import check_available, startup_summary
 
+    check_available(config)  # a missing metrics backend fails before the model is loaded
     distributed.init_process_group(job.dist_timeout)  # under torchrun; first, so each rank picks its own GPU
     choice, config = precision(job, config)
     if distributed.is_main():
         runtime.announce(choice)
     found: dict[str, Any] = {}
     model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, found)
+    if config.progress and not distributed.launched():
+        print(startup_summary(model, train_rows, eval_rows, config, planned_steps(train_rows, config),
+                              found.get("description"), label_map), flush=True)
     result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume,
-                   distributed=job.distributed())
+                   distributed=job.distributed(), callbacks=callbacks)
     if config.out_dir and distributed.is_main():
         out = Path(config.out_dir)
         target = out / ("adapter" if job.method != "full" else "model")
@@ -385,4 +425,6 @@ def run(job: Job, config: TrainConfig, resume: bool = False):
             write_prompt_format(target, job, tokenizer, found["format"])
         info = {"job": dataclasses.asdict(job), "train": dataclasses.asdict(config), "label_map": label_map}
         (out / "job.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        result.outputs["tokenizer"] = str(target)
+        result.outputs["job settings"] = str(out / "job.json")
     return model, tokenizer, result

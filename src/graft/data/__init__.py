@@ -24,6 +24,7 @@ from graft.data.formats import (
     serialize_row,
 )
 from graft.data.packing import PackedRow, PackingNotSupported, check_packing, collate, pack
+from graft.data.preference import PreferencePair, collate_pairs, is_preference_row, tokenize_pairs
 from graft.data.readers import FILE_FORMATS, DataError, Record, read
 from graft.data.sources import load
 from graft.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, Template, fill
@@ -41,14 +42,17 @@ __all__ = [
     "FormatSpec",
     "PackedRow",
     "PackingNotSupported",
+    "PreferencePair",
     "Record",
     "Rendered",
     "Stats",
     "Template",
     "check_packing",
     "collate",
+    "collate_pairs",
     "detect_format",
     "fill",
+    "is_preference_row",
     "label_map",
     "load",
     "pack",
@@ -58,4 +62,5 @@ __all__ = [
     "serialize_row",
     "stats",
     "tokenize",
+    "tokenize_pairs",
 ]

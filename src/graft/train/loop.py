@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from graft.io import atomic_dir_write
 from graft.io import save as save_adapter
 from graft.train import checkpoint as ckpt
+from graft.train import dpo
+from graft.train.callbacks import EarlyStopping, KeepBest, StepInfo
 from graft.train.config import DATA_ORDER_FIELDS, TrainConfig
 from graft.train.distributed import DistConfig, Distributed
 from graft.train.distributed import setup as setup_distributed
@@ -42,6 +44,7 @@ from graft.train.loss import (
     supervised_count,
 )
 from graft.train.monitor import (
+    METRICS_NAME,
     PLOT_NAME,
     MetricsLog,
     map_large_blocks,
@@ -50,9 +53,11 @@ from graft.train.monitor import (
     plot_losses,
 )
 from graft.train.optim import build_optimizer, build_scheduler
+from graft.train.report import Reporters
 
 Collate = Callable[[list[Any]], dict[str, torch.Tensor]]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Callback = Callable[[StepInfo], None]
 
 
 @dataclass
@@ -74,6 +79,9 @@ class TrainResult:
         selective_logits: Whether the selective-logits loss was used.
         resumed_from: The checkpoint this run continued from, or None.
         saved_to: Where the final adapter (or full model) was written, or None without out_dir.
+        stopped_early: Why training stopped before the planned steps (early stopping, a callback), or None.
+        best_step: With ``keep_best``: the step whose weights were kept (and saved), or None.
+        outputs: Where each output went: adapter, metrics, plot, checkpoints, metric backends.
     """
 
     steps: int
@@ -90,6 +98,9 @@ class TrainResult:
     selective_logits: bool
     resumed_from: Path | None = None
     saved_to: Path | None = None
+    stopped_early: str | None = None
+    best_step: int | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,8 +138,9 @@ def train(
     eval_data: Sequence[Any] | None = None,
     resume: bool = False,
     *,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callback | None = None,
     distributed: DistConfig | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train the model's trainable parameters (an adapter after ``graft.attach``, or all of them).
 
@@ -143,11 +155,13 @@ def train(
         eval_data: Examples to evaluate on every ``config.eval_every`` steps and at the end.
         resume: Continue from the latest complete checkpoint in ``config.out_dir`` (start afresh
             if there is none).
-        on_step: Called after every optimizer step (and its checkpoint) with that step's metrics
-            (on every rank, with the metrics of all ranks).
+        on_step: Called after every optimizer step (and its checkpoint) with that step's metrics, a
+            :class:`~graft.train.callbacks.StepInfo` (a dict with attributes; ``request_stop()`` ends
+            the run after this step), on every rank, with the metrics of all ranks.
         distributed: Strategy and collective timeout when this process is one of several
             (``torchrun``); see :mod:`graft.train.distributed`. There ``config.batch_size`` (or
             ``tokens_per_batch``) is per rank, and only rank 0 writes files.
+        callbacks: More functions called like ``on_step``, in order, after it.
 
     Returns:
         A :class:`TrainResult`. With ``out_dir``, the final adapter is in ``out_dir/adapter`` (or the
@@ -167,6 +181,10 @@ def train(
     order = dist.order_config(config) if dist is not None else config  # what decides the global data order
     device = next(model.parameters()).device
     _check_autocast(config, device)
+    if config.objective == "dpo":
+        dpo.check_model(model)
+    if (config.early_stopping_patience is not None or config.keep_best) and not eval_data:
+        raise ValueError("early_stopping_patience / keep_best compare evaluations: pass eval_data")
     if config.release_cpu_memory and device.type == "cpu":
         map_large_blocks()
     lengths = [_length(x) for x in train_data] if config.tokens_per_batch else None
@@ -184,14 +202,29 @@ def train(
     checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else False
     try:
         loss_fn, selective = _loss_fn(model, config, _to(collate([train_data[0]]), device))
+        if config.objective == "dpo" and config.precompute_ref:
+            train_data, eval_data = (None if rows is None else dpo.precompute_reference(
+                model, rows, collate, config.batch_size or 8, logits_chunk=config.logits_chunk, selective=selective)
+                for rows in (train_data, eval_data))
         progress = _Progress()
         if start is not None:
             progress = _Progress.from_state(ckpt.load_checkpoint(start, model, optimizer, scheduler, scaler))
         else:
             _prepare_methods(model, train_data, collate, order, lengths, loss_fn, device)
         model.train()
-        _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
-             optimizer, scheduler, scaler, progress, selective, on_step, dist)
+        best = KeepBest(model) if config.keep_best else None
+        hooks = [h for h in (on_step, *callbacks, best) if h is not None]
+        if config.early_stopping_patience is not None:
+            hooks.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_threshold))
+        reporters = Reporters(out_dir, config) if dist is None or dist.is_main else None
+        try:
+            stopped = _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
+                           optimizer, scheduler, scaler, progress, selective, hooks, dist, reporters)
+        finally:
+            if reporters is not None:
+                reporters.close()
+        if best is not None:
+            best.restore()
     finally:
         model.train(was_training)
         if checkpointing:
@@ -208,22 +241,30 @@ def train(
         if out_dir is not None:
             saved_to = out_dir / ("adapter" if ckpt.adapter_names(model) else "model")
     memory = peak_memory_mb()
+    outputs = {}
+    if out_dir is not None:
+        outputs = {"adapter" if ckpt.adapter_names(model) else "model": str(saved_to),
+                   "metrics": str(out_dir / METRICS_NAME), "loss plot": str(out_dir / PLOT_NAME)}
+        if config.save_every:
+            outputs["checkpoints"] = str(out_dir / "checkpoint-*")
+        outputs.update(reporters.locations() if reporters is not None else {})
     return TrainResult(
         steps=progress.step, epochs=round(progress.epoch_float, 4), losses=progress.losses,
         final_loss=float(np.mean(progress.losses[-3:])) if progress.losses else float("nan"),
         eval_loss=progress.evals[-1]["eval_loss"] if progress.evals else None, evals=progress.evals,
         tokens=progress.tokens, supervised_tokens=progress.supervised, seconds=round(progress.elapsed, 3),
         peak_rss_mb=memory["peak_rss_mb"], vm_hwm_mb=memory["vm_hwm_mb"], selective_logits=selective,
-        resumed_from=start, saved_to=saved_to,
+        resumed_from=start, saved_to=saved_to, stopped_early=stopped,
+        best_step=best.step if best is not None else None, outputs=outputs,
     )
 
 
 def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainConfig,
          eval_data: Sequence[Any] | None, device: torch.device, lengths: list[int] | None, total: int,
          loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-         progress: _Progress, selective: bool, on_step: Callable[[dict[str, Any]], None] | None,
-         dist: Distributed | None = None) -> None:
-    """Steps from ``progress`` to ``total``: train, log, evaluate, checkpoint."""
+         progress: _Progress, selective: bool, callbacks: Sequence[Callback],
+         dist: Distributed | None = None, reporters: Reporters | None = None) -> str | None:
+    """Steps from ``progress`` to ``total``: train, log, evaluate, checkpoint; the reason for an early stop."""
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     main = dist is None or dist.is_main  # the process that writes files and shows progress
     metrics = MetricsLog(out_dir, progress.records) if out_dir is not None and main else None
@@ -265,6 +306,8 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
                 progress.records.append(record)
                 if metrics is not None:
                     metrics.write(record)
+                if reporters is not None:
+                    reporters.log(record)
             if config.save_every and progress.step % config.save_every == 0 and main:
                 state = {**progress.to_state(), "total_steps": total, "n_examples": len(data),
                          "selective_logits": selective, "config": config.to_dict()}
@@ -275,10 +318,14 @@ def _run(model: nn.Module, data: Sequence[Any], collate: Collate, config: TrainC
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", refresh=False,
                             tok_s=f"{run_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
             bar.update(1)
-            if on_step is not None:
-                on_step(record)
+            info = StepInfo(record, total)
+            for callback in callbacks:
+                callback(info)
+            if info.stop_reason is not None:
+                return info.stop_reason
     finally:
         bar.close()
+    return None
 
 
 def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn,
@@ -296,7 +343,9 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
     With ``dist``, ``batches`` are this rank's: the step is normalised by the supervised count of all
     ranks and the trainable gradients are summed across ranks before clipping.
     """
-    supervised = sum(supervised_count(b, config.task) for b in batches)
+    if isinstance(loss_fn, dpo.DPOLoss):
+        loss_fn.take_metrics()  # only this step's pairs (not a method's preparation pass) count
+    supervised = sum(_count(b, config) for b in batches)
     if dist is not None:
         supervised = dist.sum_count(supervised)
     denom = max(supervised, 1)  # token-weighted over the whole step, not a mean of micro-batch means
@@ -335,7 +384,15 @@ def _train_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_f
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     if dist is not None:
         loss_sum, tokens = dist.reduce_stats(loss_sum, tokens, batches)
-    return {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens, "supervised_tokens": supervised}
+    stats = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": tokens, "supervised_tokens": supervised}
+    if isinstance(loss_fn, dpo.DPOLoss):
+        stats.update(loss_fn.take_metrics())  # rewards/chosen ... of this step's pairs (this rank's)
+    return stats
+
+
+def _count(batch: dict[str, torch.Tensor], config: TrainConfig) -> int:
+    """What a step's loss is averaged over: supervised tokens, labelled rows, or (DPO) pairs."""
+    return dpo.pair_count(batch) if config.objective == "dpo" else supervised_count(batch, config.task)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +412,8 @@ def _evaluate(model: nn.Module, data: Sequence[Any], collate: Collate, config: T
     model.eval()
     lengths = [_length(x) for x in data] if config.tokens_per_batch else None
     total, count, correct = 0.0, 0, 0
+    if isinstance(loss_fn, dpo.DPOLoss):
+        loss_fn.take_metrics()  # start the evaluation's sums afresh
     try:
         with torch.no_grad():
             for indices in _group(list(range(len(data))), lengths, config):
@@ -368,10 +427,12 @@ def _evaluate(model: nn.Module, data: Sequence[Any], collate: Collate, config: T
                         correct += int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
                     else:
                         total += float(loss_fn(model, batch))
-                count += supervised_count(batch, config.task)
+                count += _count(batch, config)
     finally:
         model.train(was_training)
     loss = total / max(count, 1)
+    if isinstance(loss_fn, dpo.DPOLoss):
+        return {"eval_loss": loss, **{f"eval_{k}": v for k, v in loss_fn.take_metrics().items()}}
     if config.task == "classification":
         return {"eval_loss": loss, "eval_accuracy": correct / max(count, 1)}
     return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
@@ -418,6 +479,14 @@ def _steps(n: int, lengths: list[int] | None, config: TrainConfig, epoch: int,
         epoch, batch = epoch + 1, 0
 
 
+def planned_steps(train_data: Sequence[Any], config: TrainConfig) -> int:
+    """The optimizer steps ``train`` will run on ``train_data`` (in one process)."""
+    if config.max_steps:
+        return config.max_steps
+    lengths = [_length(x) for x in train_data] if config.tokens_per_batch else None
+    return _count_steps(len(train_data), lengths, config)
+
+
 def _count_steps(n: int, lengths: list[int] | None, config: TrainConfig) -> int:
     if lengths is None:  # every epoch has the same number of batches
         return config.epochs * math.ceil(math.ceil(n / config.batch_size) / config.grad_accum)
@@ -452,7 +521,7 @@ def _prepare_methods(model: nn.Module, data: Sequence[Any], collate: Collate, co
             continue
         first = epoch_batches(len(data), lengths, config, 0)[: getattr(method, "fisher_batches", 1)]
         batches = (_to(collate([data[i] for i in indices]), device) for indices in first)
-        method.prepare(model, name, batches, lambda m, b: loss_fn(m, b) / max(supervised_count(b, config.task), 1))
+        method.prepare(model, name, batches, lambda m, b: loss_fn(m, b) / max(_count(b, config), 1))
 
 
 def _loss_fn(model: nn.Module, config: TrainConfig, first_batch: dict[str, torch.Tensor]) -> tuple[LossFn, bool]:
@@ -465,6 +534,8 @@ def _loss_fn(model: nn.Module, config: TrainConfig, first_batch: dict[str, torch
         if reason is not None:
             warnings.warn(f"graft.train: computing full logits, not selective ones: {reason}", stacklevel=3)
             selective = False
+    if config.objective == "dpo":
+        return dpo.DPOLoss(config.beta, config.label_smoothing, config.logits_chunk, selective), selective
     return functools.partial(causal_lm_loss_sum, logits_chunk=config.logits_chunk, selective=selective), selective
 
 
