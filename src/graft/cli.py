@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
+
+from graft.options import OptionError, cli_renderer
 
 EXAMPLES = {
     "train": "graft train --model smollm2-135m --data train.jsonl --method lora --r 16 --targets all-linear "
@@ -92,12 +96,33 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
+        status = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
+                  "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # `graft inspect --json | head`: the reader has what it wanted
+        _silence_stdout()
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+    except OptionError as e:  # names options as flags: --resume, not resume=True
+        return _error(args.verb, e.render(cli_option))
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
-        return 2
+        return _error(args.verb, e.args[0] if isinstance(e, KeyError) and e.args else e)
+
+
+def _error(verb: str, message: object) -> int:
+    print(f"graft {verb}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit cannot raise again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stdout (tests, notebooks): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,12 +137,13 @@ TRAIN_FLAGS = [
     ("--format", str, "alpaca, chat, completion, text, classification, cot or table (default: detected)"),
     ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
+    ("--on-overflow", str, "a response longer than --max-length: error (default), skip the row, or truncate it"),
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
                        "child-tuning, probe or full")),
-    ("--r", int, "LoRA rank"),
-    ("--alpha", float, "LoRA alpha"),
-    ("--dropout", float, "LoRA dropout"),
-    ("--targets", str, "comma-separated module names, a regex, or all-linear"),
+    ("--r", int, "LoRA rank (default 16; for methods with a rank)"),
+    ("--alpha", float, "LoRA alpha (default 32)"),
+    ("--dropout", float, "LoRA dropout (default 0)"),
+    ("--targets", str, "comma-separated module names, a regex, or all-linear (LoRA default)"),
     ("--quantize", str, "nf4, fp4 or int8: train on a bitsandbytes-quantized base (QLoRA: nf4)"),
     ("--init", str, ("LoRA init: default, gaussian, pissa, olora, or loftq (with --quantize nf4/fp4: base and "
                      "adapter fitted together)")),
@@ -145,6 +171,7 @@ TRAIN_FLAGS = [
     ("--out", str, "output directory (adapter, checkpoints, metrics.jsonl, loss.png)"),
     ("--strategy", str, "under torchrun: ddp (model on every rank) or fsdp (frozen base sharded across ranks)"),
     ("--dist-timeout", float, "under torchrun: seconds a collective waits for the other ranks (default 1800)"),
+    ("--threads", int, "CPU threads for torch (default: the cores this process may use)"),
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
@@ -152,7 +179,19 @@ TRAIN_SWITCHES = [
     ("--chat-template", "render prompts with the tokenizer's chat template"),
     ("--gradient-checkpointing", "recompute activations in backward to save memory"),
     ("--release-cpu-memory", "CPU on Linux: hand freed memory back at once (measured: peak RSS 0.73x, time 1.46x)"),
+    ("--overwrite", "replace the run already in --out (its adapter, metrics, checkpoints)"),
 ]
+
+
+def _option_flags() -> dict[str, str]:
+    """Every train option key -> the flag that sets it (keys without one are YAML-only)."""
+    flags = {flag[2:].replace("-", "_"): flag for flag, *_ in (*TRAIN_FLAGS, *TRAIN_SWITCHES)}
+    flags["out_dir"] = flags.pop("out")
+    return {**flags, "resume": "--resume", "method_args": "--method-arg", "fields": "--text-field / --label-field"}
+
+
+# How the command line names an option in an error: --resume, --max-steps 0, no --quantize.
+cli_option = cli_renderer(_option_flags(), switches=[flag[2:].replace("-", "_") for flag, _ in TRAIN_SWITCHES])
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -260,6 +299,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         graft.load(quant.dequantize_model(model), args.adapter)  # dense, so the merge below is exact
     else:
         model, tok = _load_model(args.model, args.adapter)
+    _check_mergeable(model, args.adapter)
     plain = graft.unload(model, merge=True).to(getattr(torch, DTYPES[args.dtype]))
 
     def write(tmp: Path) -> None:
@@ -269,6 +309,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     atomic_dir_write(Path(args.out), write)
     print(f"wrote a merged {args.dtype} model to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _check_mergeable(model, adapter: str) -> None:
+    """A method that adds inputs or modules (prompt, prefix, adapter layers) has no weight to fold into."""
+    from graft.core import state_of
+
+    for method in state_of(model).methods.values():
+        if not getattr(method, "mergeable", True):
+            raise CliError(f"{adapter} is a {type(method).__name__} adapter, which adds inputs or layers rather "
+                           "than changing weights, so it cannot be merged into the base model; use it as it is "
+                           f"(graft generate / eval / serve --adapter {adapter})")
 
 
 def describe(path: str) -> dict:

@@ -38,6 +38,19 @@ import torch
 from torch import nn
 
 from graft import targets as tg
+
+
+class _KernelHubNotice(logging.Filter):
+    """Drops bitsandbytes' notice that it could not fetch an optional CPU kernel from the Hugging Face
+    hub (``bitsandbytes/backends/cpu/ops.py``, logged at import on CPUs with AVX512-BF16): graft never
+    uses that kernel, and offline it cannot be fetched. Every other message of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# Installed before bitsandbytes is first imported: getLogger hands its module the same logger object.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelHubNotice())
 from graft.core import STATE_ATTR, set_submodule
 
 __all__ = [

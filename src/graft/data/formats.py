@@ -34,6 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from graft.data.readers import DataError, Record
+from graft.options import NAME, OptionError
+
+
+class DataOptionError(DataError, OptionError):
+    """Bad data whose remedy is an option: its message names the option as the caller gives it."""
 from graft.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, Template, fill
 
 __all__ = [
@@ -166,9 +171,10 @@ def detect_format(record: Record, fields: Mapping[str, str] | None = None) -> st
         if needed <= have:
             return name
     allowed = "; ".join(f"{s.name} ({s.description})" for s in FORMATS.values())
-    raise DataError(
+    raise DataOptionError(
         f"{record.where}: cannot tell the data format from the fields {', '.join(sorted(have)) or 'none'}; "
-        f"pass format= (one of: {allowed}) and, for other column names, fields={{format field: column}}"
+        f"pass {{format}} (one of: {allowed}) and, for other column names, {{fields}}",
+        format=NAME, fields=NAME,
     )
 
 

@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from graft.data.chat import chat_segments
 from graft.data.formats import (
     CLASSIFICATION_FORMATS,
+    DataOptionError,
     Rendered,
     check_fields,
     detect_format,
@@ -36,6 +37,7 @@ from graft.data.formats import (
 )
 from graft.data.readers import DataError, Record, read
 from graft.data.templates import Template
+from graft.options import NAME
 
 __all__ = ["IGNORE_INDEX", "OVERFLOW", "Example", "Stats", "stats", "tokenize"]
 
@@ -257,11 +259,11 @@ def _example(
     outcome = "fits" if excess <= 0 else "prompt cut" if excess <= first else "response cut"
     if outcome == "response cut":  # cutting the whole prompt is not enough
         if on_overflow == "error":
-            raise DataError(
+            raise DataOptionError(
                 f"{record.where}: the response is {len(ids) - first} tokens and the prompt "
-                f"{len(head) + first}, "
-                f"but max_length={max_length} cannot hold the response; raise max_length, shorten the row, "
-                "or pass on_overflow='skip' (or 'truncate')"
+                f"{len(head) + first}, but {{max_length}} cannot hold the response; raise {{max_length__name}}, "
+                "shorten the row, or pass {on_overflow} (or {on_overflow__truncate})",
+                max_length=max_length, max_length__name=NAME, on_overflow="skip", on_overflow__truncate="truncate",
             )
         if on_overflow == "skip":
             return None, "skipped"

@@ -83,6 +83,8 @@ class PrefixTuning(PromptLearning):
     encoder_hidden_size: int | None = None
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    # transformers calls a checkpointed layer without its past_key_values, which carry the prefix
+    gradient_checkpointing_ok: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
