@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `graft inspect --json | head`: the reader has what it wanted
         _silence_stdout()
         return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
-    except OptionError as e:  # names options as flags: --resume, not resume=True
-        return _error(args.verb, e.render(cli_option))
+    except OptionError as e:  # names options as flags (--resume, not resume=True), or as the YAML keys given
+        return _error(args.verb, e.render(cli_option(getattr(args, "yaml_keys", ()))))
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         return _error(args.verb, e.args[0] if isinstance(e, KeyError) and e.args else e)
 
@@ -190,8 +190,11 @@ def _option_flags() -> dict[str, str]:
     return {**flags, "resume": "--resume", "method_args": "--method-arg", "fields": "--text-field / --label-field"}
 
 
-# How the command line names an option in an error: --resume, --max-steps 0, no --quantize.
-cli_option = cli_renderer(_option_flags(), switches=[flag[2:].replace("-", "_") for flag, _ in TRAIN_SWITCHES])
+def cli_option(yaml_keys=()):
+    """How the command line names an option in an error: --resume, --max-steps 0, no --quantize; or
+    ``lr: fast`` where the value came from the YAML config."""
+    return cli_renderer(_option_flags(), switches=[flag[2:].replace("-", "_") for flag, _ in TRAIN_SWITCHES],
+                        yaml_keys=yaml_keys)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -231,6 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["method_args"] = {**(options.get("method_args") or {}), **_key_values(given.pop("method_arg"))}
     if "out" in options:
         options["out_dir"] = options.pop("out")
+    args.yaml_keys = set(options) - set(given)  # errors name these as the config file does
     options.update(given)
     options.setdefault("out_dir", "runs/latest")
     job, config = recipe.split_options(options, where)

@@ -43,22 +43,24 @@ def python_option(key: str, value: Any) -> str:
     return key if value is NAME else f"{key}={value!r}"
 
 
-def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = ()) -> Renderer:
-    """How the command line names an option: ``--flag value``; options without a flag as YAML keys.
+def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = (), yaml_keys: Iterable[str] = ()) -> Renderer:
+    """How the command line names an option: ``--flag value``; as a YAML key where it came from the
+    config file (or has no flag).
 
     Args:
         flags: option key -> its flag (``"out_dir": "--out"``).
         switches: keys whose flags are on/off switches (``--packing`` / ``--no-packing``).
+        yaml_keys: keys this run took from its YAML config (and not from a flag).
     """
-    switches = set(switches)
+    switches, yaml_keys = set(switches), set(yaml_keys)
 
     def render(key: str, value: Any) -> str:
         if key.startswith("method_arg_"):
             setting = key.removeprefix("method_arg_")
             return f"--method-arg {setting}" if value is NAME else f"--method-arg {setting}={_plain(value)}"
         flag = flags.get(key)
-        if flag is None:  # a key only a YAML config can set
-            return key if value is NAME else f"{key}: {_plain(value)}"
+        if flag is None or (key in yaml_keys and value is not NAME):
+            return key if value is NAME else f"{key}: {_yaml(value)}"
         if value is NAME:
             return flag
         if value is None:
@@ -68,6 +70,15 @@ def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = ()) -> Rend
         return f"{flag} {_plain(value)}"
 
     return render
+
+
+def _yaml(value: Any) -> str:
+    """A value as a YAML config spells it (a string that YAML would read as something else is quoted)."""
+    import yaml
+
+    if isinstance(value, str):
+        return value if yaml.safe_load(value) == value else f'"{value}"'
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else _plain(value)
 
 
 def _plain(value: Any) -> str:
@@ -153,9 +164,9 @@ def apply_aliases(options: Mapping[str, Any], where: str = "options") -> tuple[d
     notes: list[str] = []
 
     def put(alias: str, key: str, value: Any, shown: str) -> None:
-        if key in out and out[key] != value:
-            raise OptionError(f"{where} gives {{{key}}} twice, as '{source[key]}' and as '{alias}' "
-                              f"(read as {shown}); keep one", **{key: NAME})
+        if key in out and out[key] != value:  # named as written: these are the user's own key names
+            raise ValueError(f"{where} gives {key} twice, as '{source[key]}' and as '{alias}' (read as {shown}), "
+                             "with different values; keep one")
         out[key], source[key] = value, alias
         notes.append(f"{alias} -> {shown}")
 

@@ -164,8 +164,7 @@ def train(
         raise ValueError("train_data is empty")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if resume and out_dir is None:
-        raise OptionError("{resume} needs {out_dir} (where the checkpoints are)", resume=True, out_dir=NAME,
-                          where="TrainConfig")
+        raise OptionError("{resume} needs TrainConfig.out_dir (where the checkpoints are)", resume=True)
     if config.eval_every and eval_data is None:
         raise OptionError("{eval_every} needs eval_data to evaluate on", eval_every=config.eval_every)
     dist = setup_distributed(model, distributed, config.seed)  # None in a single process
