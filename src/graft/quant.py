@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from graft import targets as tg
+from graft.options import OptionError
 
 
 class _KernelHubNotice(logging.Filter):
@@ -77,8 +78,8 @@ def check_mode(mode: str) -> None:
         ImportError: bitsandbytes is not importable (the message names the mode asked for).
     """
     if mode not in MODES:
-        raise ValueError(f"quantize={mode!r} is not supported; allowed values: {', '.join(MODES)} (or None for "
-                         "full precision)")
+        raise OptionError(f"{{quantize}} is not supported; allowed values: {', '.join(MODES)} (or {{quantize__none}} "
+                          "for full precision)", quantize=mode, quantize__none=None)
     _bnb(mode)
 
 

@@ -579,8 +579,9 @@ def _check_autocast(config: TrainConfig, device: torch.device) -> None:
         }[config.autocast]
         if not has:
             need = "AVX512-BF16 or AMX" if config.autocast == "bf16" else "AMX-FP16"
-            raise ValueError(f"TrainConfig autocast={config.autocast!r}: this CPU lacks {need}, so reduced precision "
-                             "would be emulated and slower than fp32; use autocast=None")
+            raise OptionError(f"{{autocast}}: this CPU lacks {need}, so reduced precision would be emulated and "
+                              "slower than fp32; drop {autocast__name}", where="TrainConfig",
+                              autocast=config.autocast, autocast__name=NAME)
     elif device.type == "cuda" and config.autocast == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError("TrainConfig autocast='bf16': this GPU does not support bf16; use 'fp16' or None")
 
