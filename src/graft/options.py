@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+_FIELD = re.compile(r"\{(\w+)\}")
 NAME = object()  # a field that names the option alone (``eval_data``), not a value of it
 
 Renderer = Callable[[str, Any], str]
@@ -33,7 +35,9 @@ class OptionError(ValueError):
         super().__init__(self.render(python_option))
 
     def render(self, name: Renderer) -> str:
-        text = self.template.format(**{k: name(k.partition("__")[0], v) for k, v in self.values.items()})
+        # Only the option fields are replaced: other braces (a file name, "{role, content}") stay as written.
+        text = _FIELD.sub(lambda m: name(m[1].partition("__")[0], self.values[m[1]]) if m[1] in self.values
+                          else m[0], self.template)
         return f"{self.where} {text}" if self.where and name is python_option else text
 
 
