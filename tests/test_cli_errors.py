@@ -244,6 +244,13 @@ def test_an_option_error_speaks_python_or_cli():
     assert e.render(cli) == ("--resume needs no --out; --quantize nf4 given, --no-packing too, "
                              "see --method-arg num_virtual_tokens=20")
     assert e.render(cli_renderer({}, yaml_keys=["quantize"])).startswith("resume: true needs out_dir: null")
+    # Each verb renders with its own flags; one without a YAML config names the rest the Python way.
+    from graft.cli import _parser, cli_option
+
+    parser = _parser()
+    args = parser.parse_args(["eval", "--model", "m", "--data", "d", "--task", "math"])
+    e = OptionError("{chat_template} with {template}, {max_length}", chat_template=True, template="x", max_length=3)
+    assert e.render(cli_option(parser, args)) == "--chat-template with --template x, max_length=3"
 
 
 def test_bitsandbytes_kernel_hub_notice_is_filtered_and_nothing_else():

@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         status = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
                   "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
     except OptionError as e:  # names options as flags (--resume, not resume=True), or as the YAML keys given
-        return _error(args.verb, e.render(cli_option(getattr(args, "yaml_keys", ()))))
+        return _error(args.verb, e.render(cli_option(parser, args)))
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         return _error(args.verb, e.args[0] if isinstance(e, KeyError) and e.args else e)
 
@@ -190,11 +191,16 @@ def _option_flags() -> dict[str, str]:
     return {**flags, "resume": "--resume", "method_args": "--method-arg", "fields": "--text-field / --label-field"}
 
 
-def cli_option(yaml_keys=()):
-    """How the command line names an option in an error: --resume, --max-steps 0, no --quantize; or
-    ``lr: fast`` where the value came from the YAML config."""
-    return cli_renderer(_option_flags(), switches=[flag[2:].replace("-", "_") for flag, _ in TRAIN_SWITCHES],
-                        yaml_keys=yaml_keys)
+def cli_option(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """How verb ``args.verb`` names an option in an error: --resume, --max-steps 0, no --quantize; for
+    train, ``lr: fast`` where the value came from the YAML config."""
+    if args.verb == "train":
+        return cli_renderer(_option_flags(), switches=[flag[2:].replace("-", "_") for flag, _ in TRAIN_SWITCHES],
+                            yaml_keys=getattr(args, "yaml_keys", ()))
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in verbs.choices[args.verb]._actions if a.option_strings]
+    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0]) for a in actions}
+    return cli_renderer(flags, switches=[a.dest for a in actions if a.nargs == 0], yaml=False)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

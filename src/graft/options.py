@@ -47,7 +47,8 @@ def python_option(key: str, value: Any) -> str:
     return key if value is NAME else f"{key}={value!r}"
 
 
-def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = (), yaml_keys: Iterable[str] = ()) -> Renderer:
+def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = (), yaml_keys: Iterable[str] = (),
+                 yaml: bool = True) -> Renderer:
     """How the command line names an option: ``--flag value``; as a YAML key where it came from the
     config file (or has no flag).
 
@@ -55,6 +56,8 @@ def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = (), yaml_ke
         flags: option key -> its flag (``"out_dir": "--out"``).
         switches: keys whose flags are on/off switches (``--packing`` / ``--no-packing``).
         yaml_keys: keys this run took from its YAML config (and not from a flag).
+        yaml: Whether the command reads a YAML config; if not, an option without a flag is named as
+            the Python API names it.
     """
     switches, yaml_keys = set(switches), set(yaml_keys)
 
@@ -63,6 +66,8 @@ def cli_renderer(flags: Mapping[str, str], switches: Iterable[str] = (), yaml_ke
             setting = key.removeprefix("method_arg_")
             return f"--method-arg {setting}" if value is NAME else f"--method-arg {setting}={_plain(value)}"
         flag = flags.get(key)
+        if flag is None and not yaml:
+            return python_option(key, value)
         if flag is None or (key in yaml_keys and value is not NAME):
             return key if value is NAME else f"{key}: {_yaml(value)}"
         if value is NAME:

@@ -34,12 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from graft.data.readers import DataError, Record
-from graft.options import NAME, OptionError
-
-
-class DataOptionError(DataError, OptionError):
-    """Bad data whose remedy is an option: its message names the option as the caller gives it."""
 from graft.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, Template, fill
+from graft.options import NAME, OptionError
 
 __all__ = [
     "FORMATS",
@@ -52,6 +48,10 @@ __all__ = [
     "render",
     "serialize_row",
 ]
+
+
+class DataOptionError(DataError, OptionError):
+    """Bad data whose remedy is an option: its message names the option as the caller gives it."""
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,9 @@ def render(
         return Rendered(messages=_messages(values["messages"], record.where))
     if format in CLASSIFICATION_FORMATS:
         if template.response is not None or chat:
-            raise DataError(
-                f"format {format!r} has no response: use template=str for its input text, chat=False"
+            raise DataOptionError(
+                "{format} has no response: a {template} shapes its input text, and it takes no chat template",
+                format=format, template=NAME,
             )
         return Rendered(
             prompt=fill(_first(template.prompt, "{text}"), values, record.where), label=values["label"]

@@ -138,7 +138,8 @@ def tokenize(
     if isinstance(template, str):
         template = Template(prompt=template)
     if chat_template and format in ("text", *CLASSIFICATION_FORMATS):
-        raise DataError(f"chat_template=True applies to alpaca, completion and cot rows, not {format!r}")
+        raise DataOptionError("{chat_template} applies to alpaca, completion and cot rows, not {format}",
+                              chat_template=True, format=format)
     if format in CLASSIFICATION_FORMATS:
         return _tokenize_classes(records, tokenizer, format, template, max_length, fields, label_map)
     if label_map is not None:
