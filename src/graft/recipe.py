@@ -92,9 +92,10 @@ class Job:
             if self.init not in INITS:
                 raise OptionError(f"{{init}} is not one of {', '.join(INITS)}", init=self.init)
             if (self.init == "loftq") != (self.quantize in ("nf4", "fp4")):
-                raise OptionError("{init} with {quantize}: LoftQ fits the adapter to a 4-bit base, so {init__loftq} "
-                                  "goes with {quantize__nf4} or {quantize__fp4}, and only there", init=self.init, quantize=self.quantize,
-                                  init__loftq="loftq", quantize__nf4="nf4", quantize__fp4="fp4")
+                raise OptionError("{init} with {quantize}: LoftQ fits the adapter to a 4-bit base, so "
+                                  "{init__loftq} goes with {quantize__nf4} or {quantize__fp4}, and only there",
+                                  init=self.init, quantize=self.quantize, init__loftq="loftq",
+                                  quantize__nf4="nf4", quantize__fp4="fp4")
         if self.format is not None:
             from graft.data.formats import spec_for
 
@@ -110,8 +111,8 @@ class Job:
         if self.method == "full":
             given = {k: NAME for k in ("r", "alpha", "dropout", "targets") if getattr(self, k) is not None}
             if given:
-                raise OptionError(f"{{method}} trains every weight: {', '.join(f'{{{k}}}' for k in given)} "
-                                  "do(es) not apply", method="full", **given)
+                raise OptionError(f"{{method}} trains every weight: {' and '.join(f'{{{k}}}' for k in given)} "
+                                  f"{'does' if len(given) == 1 else 'do'} not apply", method="full", **given)
         if not 0.0 <= self.eval_split < 1.0:
             raise OptionError("{eval_split} must be in [0, 1)", eval_split=self.eval_split)
         if self.max_length < 8:
@@ -236,17 +237,17 @@ def default_task(job: Job) -> str:
     return "classification" if labelled(job) and is_encoder(job.model) else "causal-lm"
 
 
-def labelled(job: Job) -> bool:
+def labelled(job: Job, first: list | None = None) -> bool:
     """Whether the job's rows are labelled: ``format: classification`` (or table), or, with no format
-    given, a first row that reads as classification (text and label)."""
+    given, a first row (``first``, else read from ``job.data``) that reads as classification."""
     from graft import data
     from graft.data.formats import CLASSIFICATION_FORMATS, detect_format
 
-    if job.format is not None or job.data is None or not Path(job.data).is_file():
+    if job.format is not None or (first is None and (job.data is None or not Path(job.data).is_file())):
         return job.format in CLASSIFICATION_FORMATS
     fields = {k: v for k, v in (("text", job.text_field), ("label", job.label_field)) if v}
     try:
-        first = data.read(job.data)[:1]
+        first = data.read(job.data)[:1] if first is None else first
         return bool(first) and detect_format(first[0], fields or None) in CLASSIFICATION_FORMATS
     except (ValueError, OSError):  # unreadable or undetectable data is reported where it is read
         return False
@@ -341,7 +342,7 @@ def prepare(job: Job, config: TrainConfig):
         records = [records[i] for i in order[cut:]]
     classification = config.task == "classification"
     if not classification:
-        check_causal(job)
+        check_causal(job, records[:1])
     label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
     # Everything the run initialises (a new classification head, the adapter) is drawn after this.
     seed_everything(config.seed)
@@ -374,13 +375,14 @@ def prepare(job: Job, config: TrainConfig):
     return model, tokenizer, train_ex, eval_ex, make_collate(model, tokenizer, job.max_length, packing), label_map
 
 
-def check_causal(job: Job) -> None:
-    """A causal-LM run needs a model with a language-model head and rows with a response."""
+def check_causal(job: Job, first: list) -> None:
+    """A causal-LM run needs a model with a language-model head and rows with a response (``first``: the
+    first row)."""
     if is_encoder(job.model):
         raise OptionError(f"{job.model} is an encoder without a language-model head: it trains a classifier "
                           "on labelled rows ({task}, with {format} or text/label columns)",
                           task="classification", format="classification")
-    if labelled(job):
+    if labelled(job, first):
         raise OptionError(f"{job.data} holds labelled rows (text, label), which a causal LM cannot learn as "
                           "prompt and response: train a classifier with {task}", task="classification")
 
