@@ -151,9 +151,8 @@ def adapter_bytes(out: Path) -> dict[str, bytes]:
     return {k: (str(t.dtype), tuple(t.shape), t.numpy().tobytes()) for k, t in tensors.items()}
 
 
-@pytest.mark.parametrize("init", ["default", "gaussian"])
-def test_one_command_twice_gives_the_same_adapter_bit_for_bit(init, decoder, alpaca, tmp_path):
-    args = ["--max-steps", "2", "--init", init, "--dropout", "0.1", "--seed", "7"]
+def test_one_command_twice_gives_the_same_adapter_bit_for_bit(decoder, alpaca, tmp_path):
+    args = ["--max-steps", "2", "--dropout", "0.1", "--seed", "7"]  # lora_A's init and dropout draw from the seed
     runs = []
     for i, noise in enumerate((1, 2)):
         torch.manual_seed(noise)  # whatever the process drew before must not matter
