@@ -103,6 +103,8 @@ CASES = [
      ["--targets q_prj matches no module", "Did you mean ['q_proj'"]),
     ("unsupported-quantize", lambda f: ["--model", f["llama"], "--data", f["alpaca"], "--quantize", "int4"],
      ["--quantize int4 is not supported", "no --quantize"]),
+    ("template-without-fields", lambda f: ["--model", f["llama"], "--data", f["alpaca"], "--template", "llama3"],
+     ["--template llama3 names no {field}", "--chat-template"]),
     ("bad-lr", lambda f: ["--model", f["llama"], "--data", f["alpaca"], "--lr", "0"], ["--lr 0", "> 0"]),
     ("yaml-value-named-as-yaml", lambda f: [yaml_file(f["root"], "typed.yaml", 'max_length: "512"\n'),
                                             "--model", f["llama"], "--data", f["alpaca"]],

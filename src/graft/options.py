@@ -137,6 +137,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "lora_target": ("targets", _targets),
     "target_modules": ("targets", _targets),
     "output_dir": ("out_dir", None),
+    "overwrite_output_dir": ("overwrite", None),
     "cutoff_len": ("max_length", None),
     "max_seq_length": ("max_length", None),
     "model_name_or_path": ("model", None),

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,11 @@ class Job:
             if given:
                 raise OptionError(f"{{method}} trains every weight: {' and '.join(f'{{{k}}}' for k in given)} "
                                   f"{'does' if len(given) == 1 else 'do'} not apply", method="full", **given)
+        if self.template is not None and not re.search(r"\{\w+\}", self.template):
+            # e.g. LLaMA-Factory's `template: llama3` names a chat template; here it would be every prompt
+            raise OptionError("{template} names no {field} of the rows, so every prompt would be that same text; "
+                              "a template is a pattern such as 'Q: {question}\nA:' (for the tokenizer's own chat "
+                              "template, use {chat_template})", template=self.template, chat_template=True)
         if not 0.0 <= self.eval_split < 1.0:
             raise OptionError("{eval_split} must be in [0, 1)", eval_split=self.eval_split)
         if self.max_length < 8:
