@@ -117,7 +117,7 @@ class Job:
         if self.template is not None and not re.search(r"\{\w+\}", self.template):
             # e.g. LLaMA-Factory's `template: llama3` names a chat template; here it would be every prompt
             raise OptionError("{template} names no {field} of the rows, so every prompt would be that same text; "
-                              "a template is a pattern such as 'Q: {question}\nA:' (for the tokenizer's own chat "
+                              "a template is a pattern such as 'Q: {question} A:' (for the tokenizer's own chat "
                               "template, use {chat_template})", template=self.template, chat_template=True)
         if not 0.0 <= self.eval_split < 1.0:
             raise OptionError("{eval_split} must be in [0, 1)", eval_split=self.eval_split)
