@@ -140,7 +140,7 @@ TRAIN_FLAGS = [
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
     ("--on-overflow", str, "a response longer than --max-length: error (default), skip the row, or truncate it"),
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
-                       "child-tuning, probe or full")),
+                       "child-tuning, probe or full; qlora = lora with --quantize nf4")),
     ("--r", int, "LoRA rank (default 16; for methods with a rank)"),
     ("--alpha", float, "LoRA alpha (default 32)"),
     ("--dropout", float, "LoRA dropout (default 0)"),
