@@ -298,7 +298,7 @@ def test_response_longer_than_max_length(tmp_path, model_dir, capsys, no_trainin
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     msg = train_error(capsys, tmp_path / "out", "--model", str(model_dir), "--data", str(data),
                       "--max-length", "32")
-    assert f"{data} line 2" in msg and "max_length=32" in msg and "response" in msg
+    assert f"{data} line 2" in msg and "--max-length 32" in msg and "response" in msg
 
 
 def test_unknown_data_format(tmp_path, model_dir, data_file, capsys, no_training, no_model_load):
@@ -361,9 +361,9 @@ def test_missing_data_file_and_no_data(tmp_path, model_dir, capsys, no_training,
 
 def test_bad_option_values(tmp_path, model_dir, data_file, capsys, no_training, no_model_load):
     base = ["--model", str(model_dir), "--data", str(data_file)]
-    assert "method='lorra'" in train_error(capsys, tmp_path / "out", *base, "--method", "lorra")
-    assert "max_steps=0" in train_error(capsys, tmp_path / "out", *base, "--max-steps", "0")
-    assert "lr=-1.0" in train_error(capsys, tmp_path / "out", *base, "--lr", "-1")
+    assert "--method lorra" in train_error(capsys, tmp_path / "out", *base, "--method", "lorra")
+    assert "--max-steps 0" in train_error(capsys, tmp_path / "out", *base, "--max-steps", "0")
+    assert "--lr -1.0" in train_error(capsys, tmp_path / "out", *base, "--lr", "-1")
 
 
 @pytest.mark.parametrize("method, args", [

@@ -169,9 +169,9 @@ def test_cli_trains_with_loftq_and_merge_rebuilds_its_base(cli_model_dir, tmp_pa
 def test_job_checks_init_against_quantize():
     from graft.recipe import Job
 
-    with pytest.raises(ValueError, match="init=loftq goes with quantize nf4 or fp4"):
+    with pytest.raises(ValueError, match="init='loftq' goes with quantize='nf4' or quantize='fp4'"):
         Job(model="m", data="d", init="loftq")
-    with pytest.raises(ValueError, match="init=loftq goes with quantize nf4 or fp4"):
+    with pytest.raises(ValueError, match="init='loftq' goes with quantize='nf4' or quantize='fp4'"):
         Job(model="m", data="d", init="loftq", quantize="int8")
     with pytest.raises(ValueError, match="is a LoRA setting"):
         Job(model="m", data="d", init="pissa", method="ia3")

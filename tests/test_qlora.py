@@ -405,6 +405,6 @@ def test_cli_rejects_bad_quantize_before_loading(capsys, tmp_path):
     from graft.cli import main
 
     assert main(["train", "--model", "smollm2-135m", "--data", str(tmp_path / "x.jsonl"), "--quantize", "int4"]) == 2
-    assert "quantize='int4' is not supported; allowed values: nf4, fp4, int8" in capsys.readouterr().err
+    assert "--quantize int4 is not supported; allowed values: nf4, fp4, int8" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--quantize", "nf4", "--method", "full"]) == 2
-    assert "method=full cannot train it" in capsys.readouterr().err
+    assert "--method full cannot train it" in capsys.readouterr().err

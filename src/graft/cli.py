@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 from pathlib import Path
+
+from graft.options import OptionError, cli_renderer
 
 EXAMPLES = {
     "train": "graft train --model smollm2-135m --data train.jsonl --method lora --r 16 --targets all-linear "
@@ -125,15 +129,37 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "export": cmd_export,
-                "push": cmd_push}[args.verb](args)
+        status = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
+                  "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "export": cmd_export,
+                  "push": cmd_push}[args.verb](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # `graft inspect --json | head`: the reader has what it wanted
+        _silence_stdout()
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+    except OptionError as e:  # names options as flags (--resume, not resume=True), or as the YAML keys given
+        return _error(args.verb, e.render(cli_option(parser, args)))
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
-        return 2
+        return _error(args.verb, e.args[0] if isinstance(e, KeyError) and e.args else e)
+
+
+def _error(verb: str, message: object) -> int:
+    print(f"graft {verb}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit cannot raise again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stdout (tests, notebooks): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,12 +179,13 @@ TRAIN_FLAGS = [
     ("--template", str, "prompt template with {field} names, e.g. 'Q: {question}\nA:'"),
     ("--system", str, "system message first in every conversation (with --chat-template or chat rows)"),
     ("--max-length", int, "tokens per example (the prompt is cut first, never the response)"),
+    ("--on-overflow", str, "a response longer than --max-length: error (default), skip the row, or truncate it"),
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
-                       "child-tuning, probe or full")),
-    ("--r", int, "LoRA rank"),
-    ("--alpha", float, "LoRA alpha"),
-    ("--dropout", float, "LoRA dropout"),
-    ("--targets", str, "comma-separated module names, a regex, or all-linear"),
+                       "child-tuning, probe or full; qlora = lora with --quantize nf4")),
+    ("--r", int, "LoRA rank (default 16; for methods with a rank)"),
+    ("--alpha", float, "LoRA alpha (default 32)"),
+    ("--dropout", float, "LoRA dropout (default 0)"),
+    ("--targets", str, "comma-separated module names, a regex, or all-linear (LoRA default)"),
     ("--quantize", str, "nf4, fp4 or int8: train on a bitsandbytes-quantized base (QLoRA: nf4)"),
     ("--init", str, ("LoRA init: default, gaussian, pissa, olora, or loftq (with --quantize nf4/fp4: base and "
                      "adapter fitted together)")),
@@ -197,6 +224,7 @@ TRAIN_FLAGS = [
     ("--report-to", str, "none, tensorboard, wandb or mlflow (comma-separated for several), besides metrics.jsonl"),
     ("--early-stopping-patience", int, "stop after N evaluations without improvement (needs --eval-every)"),
     ("--early-stopping-threshold", float, "least eval-loss decrease that counts as an improvement (default 0)"),
+    ("--threads", int, "CPU threads for torch (default: the cores this process may use)"),
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
@@ -207,7 +235,27 @@ TRAIN_SWITCHES = [
     ("--hub-private", "with --push-to-hub: create the repository as private"),
     ("--precompute-ref", "DPO: compute the reference log-probabilities once before training, not every step"),
     ("--keep-best", "save the adapter of the evaluation with the lowest eval loss (needs --eval-every)"),
+    ("--overwrite", "replace the run already in --out (its adapter, metrics, checkpoints)"),
 ]
+
+
+def _option_flags() -> dict[str, str]:
+    """Every train option key -> the flag that sets it (keys without one are YAML-only)."""
+    flags = {flag[2:].replace("-", "_"): flag for flag, *_ in (*TRAIN_FLAGS, *TRAIN_SWITCHES)}
+    flags["out_dir"] = flags.pop("out")
+    return {**flags, "resume": "--resume", "method_args": "--method-arg", "fields": "--text-field / --label-field"}
+
+
+def cli_option(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """How verb ``args.verb`` names an option in an error: --resume, --max-steps 0, no --quantize; for
+    train, ``lr: fast`` where the value came from the YAML config."""
+    if args.verb == "train":
+        return cli_renderer(_option_flags(), switches=[flag[2:].replace("-", "_") for flag, _ in TRAIN_SWITCHES],
+                            yaml_keys=getattr(args, "yaml_keys", ()))
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in verbs.choices[args.verb]._actions if a.option_strings]
+    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0]) for a in actions}
+    return cli_renderer(flags, switches=[a.dest for a in actions if a.nargs == 0], yaml=False)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -254,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["fields"] = {**parse_fields(options.get("fields")), **parse_fields(given.pop("field"))}
     if "out" in options:
         options["out_dir"] = options.pop("out")
+    args.yaml_keys = set(options) - set(given)  # errors name these as the config file does
     options.update(given)
     options.setdefault("out_dir", "runs/latest")
     job, config = recipe.split_options(options, where)
@@ -386,6 +435,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         graft.load(quant.dequantize_model(model), args.adapter)  # dense, so the merge below is exact
     else:
         model, tok = _load_model(args.model, args.adapter, revision=args.revision)
+    _check_mergeable(model, args.adapter)
     from graft import runtime
 
     # The merge runs in fp32 wherever --device says; only the result is cast to --dtype.
@@ -401,6 +451,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     atomic_dir_write(Path(args.out), write)
     print(f"wrote a merged {out_dtype} model to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _check_mergeable(model, adapter: str) -> None:
+    """A method that adds inputs or modules (prompt, prefix, adapter layers) has no weight to fold into."""
+    from graft.core import state_of
+
+    for method in state_of(model).methods.values():
+        if not getattr(method, "mergeable", True):
+            raise CliError(f"{adapter} is a {type(method).__name__} adapter, which adds inputs or layers rather "
+                           "than changing weights, so it cannot be merged into the base model; use it as it is "
+                           f"(graft generate / eval / serve --adapter {adapter})")
 
 
 def describe(path: str) -> dict:

@@ -292,7 +292,11 @@ def load(
     config = read_config(path)
     method = method_for_peft_type(config["peft_type"]).from_peft(config)
     tensors = read_tensors(path)
-    attach(model, method, name, activate=activate)
+    try:
+        attach(model, method, name, activate=activate)
+    except ValueError:  # e.g. its targets match no module: first, is this the adapter of another model?
+        _check_modules(model, path, config, tensors)
+        raise
     try:
         prepare = getattr(method, "prepare_load", None)
         if prepare is not None:  # the method picks what it fills from the PEFT and resume tensors
@@ -320,6 +324,31 @@ def _local_or_hub(path: str | os.PathLike) -> str | os.PathLike | Path:
         return hub.adapter_snapshot(text)
     except hub.HubError as err:
         raise hub.HubError(f"no adapter directory {text!r}, so it was read as a hub adapter id: {err}") from None
+
+
+def _check_modules(model: nn.Module, path: str | os.PathLike, config: dict[str, Any],
+                   tensors: dict[str, torch.Tensor]) -> None:
+    """An adapter made for another architecture: say so, naming its base and the modules it adapts
+    that this model lacks (rather than the target matcher's advice to pick other targets)."""
+    have = {n for n, _ in model.named_modules()}
+    wanted = sorted({_module_of(k) for k in tensors} - {""})
+    lacking = [m for m in wanted if m not in have and not any(h.endswith("." + m) for h in have)]
+    if not wanted or len(lacking) < len(wanted):
+        return  # some module fits: not a question of architecture
+    base = config.get("base_model_name_or_path") or "an unnamed base model"
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in wanted})
+    raise ValueError(f"the adapter in {os.fspath(path)} was trained on {base}, another architecture than this "
+                     f"{type(model).__name__}: it adapts modules such as {_short(wanted, 3)} ({', '.join(kinds)}), "
+                     f"which this model does not have; load it onto {base}")
+
+
+def _module_of(key: str) -> str:
+    """The module a PEFT tensor key belongs to: 'base_model.model.x.q_proj.lora_A.weight' -> 'x.q_proj'."""
+    parts = key.removeprefix(PREFIX).split(".")
+    for i, part in enumerate(parts):
+        if part.startswith(("lora_", "ia3_", "adapter_", "hada_", "oft_")) or part in ("weight", "bias"):
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1])
 
 
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

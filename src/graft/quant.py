@@ -38,6 +38,20 @@ import torch
 from torch import nn
 
 from graft import targets as tg
+from graft.options import OptionError
+
+
+class _KernelHubNotice(logging.Filter):
+    """Drops bitsandbytes' notice that it could not fetch an optional CPU kernel from the Hugging Face
+    hub (``bitsandbytes/backends/cpu/ops.py``, logged at import on CPUs with AVX512-BF16): graft never
+    uses that kernel, and offline it cannot be fetched. Every other message of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# Installed before bitsandbytes is first imported: getLogger hands its module the same logger object.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelHubNotice())
 from graft.core import STATE_ATTR, set_submodule
 
 __all__ = [
@@ -64,8 +78,8 @@ def check_mode(mode: str) -> None:
         ImportError: bitsandbytes is not importable (the message names the mode asked for).
     """
     if mode not in MODES:
-        raise ValueError(f"quantize={mode!r} is not supported; allowed values: {', '.join(MODES)} (or None for "
-                         "full precision)")
+        raise OptionError(f"{{quantize}} is not supported; allowed values: {', '.join(MODES)} (or {{quantize__none}} "
+                          "for full precision)", quantize=mode, quantize__none=None)
     _bnb(mode)
 
 

@@ -10,15 +10,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from graft.data.tokenize import OVERFLOW
+from graft.options import NAME, OptionError, apply_aliases, suggest
 from graft.train import TrainConfig
+from graft.train.loop import seed_everything
 
 # --method NAME -> the graft method class (resolved lazily); "full" trains every weight.
 METHOD_CLASSES = {
@@ -28,6 +33,9 @@ METHOD_CLASSES = {
     "relora": "ReLoRA",
 }
 METHODS = (*METHOD_CLASSES, "full")
+logger = logging.getLogger(__name__)
+LORA_FAMILY = ("lora", "rslora", "dora")
+SETTING_EXAMPLES = {"num_virtual_tokens": 20}  # values to show for a required method setting left out
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,12 @@ class Job:
     packing: bool = True
     method: str = "lora"
     method_args: dict | None = None  # the method's own settings, e.g. {num_virtual_tokens: 20}
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.0
-    targets: str | None = None  # LoRA family: all-linear when not given; others: the method's default
+    # r, alpha, dropout, targets: None = not given. The LoRA family then takes r 16, alpha 32, dropout 0,
+    # all-linear; another method takes its own default, and a setting it lacks is an error.
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: str | None = None
     text_field: str | None = None
     label_field: str | None = None
     limit: int | None = None
@@ -66,10 +76,16 @@ class Job:
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks
     push_to_hub: str | None = None  # after training, upload the adapter to this hub repository (org/name)
     hub_private: bool = False  # with push_to_hub: create the repository as private
+    on_overflow: str = "error"  # a response longer than max_length: error, skip the row, or truncate it
+    threads: int | None = None  # torch CPU threads; None: the cores this process may use (per local rank)
+    overwrite: bool = False  # replace a finished run in out_dir (its adapter, metrics, checkpoints)
 
     def __post_init__(self) -> None:
         _check_types(self)
         self.distributed()  # a bad strategy or timeout fails here, before anything is loaded
+        if self.method == "qlora":
+            raise OptionError("{method} is LoRA on a 4-bit base: use {method__lora} with {quantize}",
+                              method="qlora", method__lora="lora", quantize="nf4")
         from graft.runtime import check_words
 
         object.__setattr__(self, "dtype", check_words(self.device, self.dtype)[1])  # "bfloat16" -> "bf16"
@@ -78,18 +94,21 @@ class Job:
 
             check_mode(self.quantize)  # an unknown value or a missing bitsandbytes fails before any loading
             if self.method == "full":
-                raise ValueError(f"quantize={self.quantize!r} freezes the base in bitsandbytes layers, so "
-                                 "method=full cannot train it; use an adapter method such as lora")
+                raise OptionError("{quantize} freezes the base in bitsandbytes layers, so {method} cannot train it; "
+                                  "use an adapter method such as lora", quantize=self.quantize, method="full")
         if self.init != "default":
             from graft.methods.lora import INITS
 
-            if self.method not in ("lora", "rslora", "dora"):
-                raise ValueError(f"init={self.init!r} is a LoRA setting; method {self.method} has its own initialisation")
+            if self.method not in LORA_FAMILY:
+                raise OptionError("{init} is a LoRA setting; {method} has its own initialisation",
+                                  init=self.init, method=self.method)
             if self.init not in INITS:
-                raise ValueError(f"init={self.init!r} is not one of {', '.join(INITS)}")
+                raise OptionError(f"{{init}} is not one of {', '.join(INITS)}", init=self.init)
             if (self.init == "loftq") != (self.quantize in ("nf4", "fp4")):
-                raise ValueError(f"init={self.init!r} with quantize={self.quantize!r}: LoftQ fits the adapter to a 4-bit "
-                                 "base, so init=loftq goes with quantize nf4 or fp4, and only there")
+                raise OptionError("{init} with {quantize}: LoftQ fits the adapter to a 4-bit base, so "
+                                  "{init__loftq} goes with {quantize__nf4} or {quantize__fp4}, and only there",
+                                  init=self.init, quantize=self.quantize, init__loftq="loftq",
+                                  quantize__nf4="nf4", quantize__fp4="fp4")
         if self.format is not None:
             from graft.data.formats import spec_for
 
@@ -97,14 +116,30 @@ class Job:
         if self.method not in METHODS:
             close = difflib.get_close_matches(self.method, METHODS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}{hint}")
-        if self.method_args and self.method in ("lora", "rslora", "dora", "full"):
-            raise ValueError(f"method_args are for the other methods; {self.method} takes r, alpha, dropout, targets")
+            raise OptionError(f"{{method}} is not one of {', '.join(METHODS)}{hint}", method=self.method)
+        if self.method_args and self.method in (*LORA_FAMILY, "full"):
+            raise OptionError("{method_args} are for the other methods; {method} takes {r}, {alpha}, {dropout}, "
+                              "{targets}", method_args=NAME, method=self.method, r=NAME, alpha=NAME,
+                              dropout=NAME, targets=NAME)
+        if self.method == "full":
+            given = {k: NAME for k in ("r", "alpha", "dropout", "targets") if getattr(self, k) is not None}
+            if given:
+                raise OptionError(f"{{method}} trains every weight: {' and '.join(f'{{{k}}}' for k in given)} "
+                                  f"{'does' if len(given) == 1 else 'do'} not apply", method="full", **given)
+        if self.template is not None and not re.search(r"\{\w+\}", self.template):
+            # e.g. LLaMA-Factory's `template: llama3` names a chat template; here it would be every prompt
+            raise OptionError("{template} names no {field} of the rows, so every prompt would be that same text; "
+                              "a template is a pattern such as 'Q: {question} A:' (for the tokenizer's own chat "
+                              "template, use {chat_template})", template=self.template, chat_template=True)
         self._check_hub_options()
         if not 0.0 <= self.eval_split < 1.0:
-            raise ValueError(f"eval_split={self.eval_split!r} must be in [0, 1)")
+            raise OptionError("{eval_split} must be in [0, 1)", eval_split=self.eval_split)
         if self.max_length < 8:
-            raise ValueError(f"max_length={self.max_length!r} must be at least 8")
+            raise OptionError("{max_length} must be at least 8", max_length=self.max_length)
+        if self.on_overflow not in OVERFLOW:
+            raise OptionError(f"{{on_overflow}} is not one of {', '.join(OVERFLOW)}", on_overflow=self.on_overflow)
+        if self.threads is not None and self.threads < 1:
+            raise OptionError("{threads} must be at least 1", threads=self.threads)
 
     def _check_hub_options(self) -> None:
         """Field mappings and the push target are checked before anything is loaded or trained."""
@@ -144,8 +179,8 @@ def _check_types(job: Job) -> None:
         if value is None and optional:
             continue
         if not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
-            raise ValueError(f"{f.name}={value!r} must be {'an' if kind == 'int' else 'a'} {kind}"
-                             + (" (true or false)" if kind == "bool" else ""))
+            raise OptionError(f"{{{f.name}}} must be {'an' if kind == 'int' else 'a'} {kind}"
+                              + (" (true or false)" if kind == "bool" else ""), **{f.name: value})
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -159,6 +194,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a mapping of option: value, not a {type(cfg).__name__}")  # noqa: TRY004 (a user's file, not a caller's type)
     cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    cfg, notes = apply_aliases(cfg, str(path))
+    if notes:
+        logger.warning("%s: read other tools' keys as graft's: %s", path, ", ".join(notes))
     for key in FLOAT_KEYS & cfg.keys():
         if isinstance(cfg[key], str):
             try:
@@ -169,12 +207,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job, TrainConfig]:
-    """Check every key (suggesting the closest for a typo) and build the two configs."""
+    """Check every key (suggesting the closest for a typo) and build the two configs.
+
+    Other tools' key names (``learning_rate``, ``lora_r``, ...: :data:`graft.options.ALIASES`) are read as
+    graft's, saying so once; ``method: qlora`` is read as LoRA on an NF4 base.
+    """
+    options, notes = apply_aliases(options, where)
+    if options.get("method") == "qlora":
+        if options.get("quantize", "nf4") not in ("nf4", "fp4"):
+            raise OptionError("{method} is LoRA on a 4-bit base, not {quantize}; use {method__lora} for that",
+                              method="qlora", quantize=options["quantize"], method__lora="lora")
+        options = {**options, "method": "lora", "quantize": options.get("quantize", "nf4")}
+        notes.append(f"method: qlora -> method: lora with quantize: {options['quantize']} (QLoRA)")
+    if notes:
+        logger.warning("%s: read as graft's options: %s", where, ", ".join(notes))
     known = JOB_KEYS | TRAIN_KEYS
     for key in options:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "."
+            close = suggest(key, known)
+            hint = f"; did you mean '{close}'?" if close else "."
             raise ValueError(f"unknown key '{key}' in {where}{hint} Known keys: {', '.join(sorted(known))}")
     if isinstance(options.get("targets"), list):
         options = {**options, "targets": ",".join(options["targets"])}
@@ -185,18 +236,73 @@ def split_options(options: dict[str, Any], where: str = "options") -> tuple[Job,
         # The jagged schedule must restart where the method merges: one number, given once.
         train_opts.setdefault("restart_every", method.restart_every)
         if train_opts["restart_every"] != method.restart_every:
-            raise ValueError(f"restart_every={train_opts['restart_every']!r} (the schedule) differs from the ReLoRA "
-                             f"method's restart_every={method.restart_every!r}; give it once, in method_args")
+            raise OptionError("{restart_every} (the schedule) differs from the ReLoRA method's "
+                              "{method_arg_restart_every}; give it once, as a method setting",
+                              restart_every=train_opts["restart_every"],
+                              method_arg_restart_every=method.restart_every)
     if job.method == "probe":
         train_opts.setdefault("task", "classification")
         if train_opts["task"] != "classification":
-            raise ValueError("method=probe trains a classification head: use task=classification")
-    if job.method != "full":
-        train_opts.setdefault("task", "causal-lm")
+            raise OptionError("{method} trains a classification head: use {task}",
+                              method="probe", task="classification")
+    if job.method != "full" and "task" not in train_opts:
+        train_opts["task"] = default_task(job)
     try:
-        return job, TrainConfig(**train_opts)
+        config = TrainConfig(**train_opts)
     except TypeError as e:  # a wrong-typed switch (gradient_checkpointing: "yes"): a user error
         raise ValueError(str(e)) from None
+    check_together(job, config, method)
+    return job, config
+
+
+def check_together(job: Job, config: TrainConfig, method: Any) -> None:
+    """Settings that are each fine but wrong together (the job's against the training loop's)."""
+    if config.eval_every and not (job.eval_data or job.eval_split):
+        raise OptionError("{eval_every} needs data to evaluate on: give {eval_data} or {eval_split}",
+                          eval_every=config.eval_every, eval_data=NAME, eval_split=NAME)
+    if config.gradient_checkpointing and not getattr(method, "gradient_checkpointing_ok", True):
+        raise OptionError("{method} cannot train with {gradient_checkpointing}: transformers drops the "
+                          "past_key_values that carry the prefix inside checkpointed layers; leave checkpointing off",
+                          method=job.method, gradient_checkpointing=True)
+
+
+def default_task(job: Job) -> str:
+    """classification for labelled rows on an encoder model (no language-model head), else causal-lm."""
+    return "classification" if labelled(job) and is_encoder(job.model) else "causal-lm"
+
+
+def labelled(job: Job, first: list | None = None) -> bool:
+    """Whether the job's rows are labelled: ``format: classification`` (or table), or, with no format
+    given, a first row (``first``, else read from ``job.data``) that reads as classification."""
+    from graft import data
+    from graft.data.formats import CLASSIFICATION_FORMATS, detect_format
+
+    if job.format is not None or (first is None and (job.data is None or not Path(job.data).is_file())):
+        return job.format in CLASSIFICATION_FORMATS
+    fields = {k: v for k, v in (("text", job.text_field), ("label", job.label_field)) if v}
+    try:
+        first = data.read(job.data)[:1] if first is None else first
+        return bool(first) and detect_format(first[0], fields or None) in CLASSIFICATION_FORMATS
+    except (ValueError, OSError):  # unreadable or undetectable data is reported where it is read
+        return False
+
+
+def is_encoder(model: str) -> bool:
+    """Whether ``model`` is an encoder without a language-model head (BERT, MiniLM, RoBERTa...)."""
+    from graft import models
+
+    try:
+        path = models.resolve(model)
+    except (ValueError, OSError):
+        return False  # reported when the model is loaded
+    if path.suffix == ".gguf" or not (path / "config.json").is_file():
+        return False  # GGUF files hold decoders
+    config = json.loads((path / "config.json").read_text())
+    if config.get("is_encoder_decoder") or config.get("is_decoder"):
+        return False
+    generative = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    architectures = config.get("architectures") or []
+    return bool(architectures) and not any(a.endswith(generative) for a in architectures)
 
 
 def _targets(spec: str) -> str | list[str]:
@@ -211,19 +317,36 @@ def build_method(job: Job):
 
     if job.method == "full":
         return None
-    if job.method in ("lora", "rslora", "dora"):
-        return graft.LoRA(r=job.r, alpha=job.alpha, dropout=job.dropout, targets=_targets(job.targets or "all-linear"),
+    if job.method in LORA_FAMILY:
+        return graft.LoRA(r=16 if job.r is None else job.r, alpha=32 if job.alpha is None else job.alpha,
+                          dropout=job.dropout or 0.0, targets=_targets(job.targets or "all-linear"),
                           rslora=job.method == "rslora", dora=job.method == "dora", init=job.init)
     cls = getattr(graft, METHOD_CLASSES[job.method])
     args = dict(job.method_args or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if job.targets is not None:
-        if "targets" not in fields:
-            raise ValueError(f"method {job.method} has no targets option; its settings are {sorted(fields)}")
-        args.setdefault("targets", _targets(job.targets))
-    unknown = sorted(set(args) - fields)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    settings = ", ".join(sorted(fields))
+    for key in ("r", "alpha", "dropout", "targets"):  # the LoRA flags: passed on where the method has the setting
+        value = getattr(job, key)
+        if value is None:
+            continue
+        if key not in fields:
+            what = {"r": "has no rank", "targets": "chooses its own modules"}.get(key, f"has no {key}")
+            raise OptionError(f"{{method}} {what}: {{{key}}} does not apply (its settings: {settings})",
+                              method=job.method, **{key: value})
+        value = _targets(value) if key == "targets" else value
+        if args.setdefault(key, value) != value:
+            raise OptionError(f"{{{key}}} and {{method_arg_{key}}} disagree; give one",
+                              **{key: value, f"method_arg_{key}": args[key]})
+    unknown = sorted(set(args) - set(fields))
     if unknown:
         raise ValueError(f"method {job.method} has no setting(s) {unknown}; its settings are {sorted(fields)}")
+    missing = [n for n, f in fields.items() if n not in args and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:  # e.g. prompt tuning's num_virtual_tokens
+        examples = {f"method_arg_{n}__example": SETTING_EXAMPLES[n] for n in missing if n in SETTING_EXAMPLES}
+        raise OptionError(f"{{method}} needs {' and '.join(f'{{method_arg_{n}}}' for n in missing)}"
+                          + (f" (e.g. {', '.join(f'{{{k}}}' for k in examples)})" if examples else ""),
+                          method=job.method, **{f"method_arg_{n}": NAME for n in missing}, **examples)
     return cls(**args)
 
 
@@ -239,8 +362,8 @@ def prepare(job: Job, config: TrainConfig, info: dict[str, Any] | None = None):
     from graft.train import distributed
 
     if job.data is None:
-        raise ValueError("no training data: pass --data FILE (jsonl, json, csv, tsv, parquet), a datasets directory "
-                         "or a hub data set name, or set data: in the config")
+        raise OptionError("no training data: give {data} (a .jsonl, .json, .csv, .tsv or .parquet file, a "
+                          "datasets directory or a hub data set name)", data=NAME)
     if config.release_cpu_memory:  # before loading: the load's and quantization's temporaries fragment the heap too
         from graft.train.monitor import map_large_blocks
 
@@ -259,7 +382,11 @@ def prepare(job: Job, config: TrainConfig, info: dict[str, Any] | None = None):
         eval_records = [records[i] for i in order[:cut]]
         records = [records[i] for i in order[cut:]]
     classification = config.task == "classification"
+    if not classification:
+        check_causal(job, records[:1])
     label_map = data.label_map(records, field=fields.get("label", "label")) if classification else None
+    # Everything the run initialises (a new classification head, the adapter) is drawn after this.
+    seed_everything(config.seed)
     choice, _ = precision(job, config)
     compute = runtime.DTYPES[choice.compute_dtype]  # what a 4-bit layer multiplies in: the run's precision
     loftq = job.init == "loftq"  # loaded in full precision: LoftQ quantizes and attaches together
@@ -278,7 +405,8 @@ def prepare(job: Job, config: TrainConfig, info: dict[str, Any] | None = None):
         info["format"] = fmt or _detected_format(records[0], fields or None)
     kw = {"format": fmt, "template": job.template, "max_length": job.max_length,
           "train_on_prompt": job.train_on_prompt, "chat_template": job.chat_template, "fields": fields or None,
-          "label_map": label_map, **({"system": job.system} if job.system is not None else {})}
+          "label_map": label_map, "on_overflow": job.on_overflow,
+          **({"system": job.system} if job.system is not None else {})}
     pairs = config.objective == "dpo"
     if not pairs and data.is_preference_row(records[0].data):
         raise ValueError(f"{records[0].where} has 'chosen' and 'rejected': preference pairs train with "
@@ -378,6 +506,18 @@ def _describe_format(row: dict[str, Any], fmt: str | None, fields: dict[str, str
     return f"{data.detect_format(data.read([row])[0], fields or None)} (detected)"
 
 
+def check_causal(job: Job, first: list) -> None:
+    """A causal-LM run needs a model with a language-model head and rows with a response (``first``: the
+    first row)."""
+    if is_encoder(job.model):
+        raise OptionError(f"{job.model} is an encoder without a language-model head: it trains a classifier "
+                          "on labelled rows ({task}, with {format} or text/label columns)",
+                          task="classification", format="classification")
+    if labelled(job, first):
+        raise OptionError(f"{job.data} holds labelled rows (text, label), which a causal LM cannot learn as "
+                          "prompt and response: train a classifier with {task}", task="classification")
+
+
 def make_collate(model, tokenizer, max_length: int, packed: bool, pairs: bool = False):
     """Batches of examples -> tensors. With packing, each batch's examples are packed into as few
     rows as fit ``max_length`` (padding-free, attention confined per example), so an optimizer step
@@ -399,32 +539,57 @@ def make_collate(model, tokenizer, max_length: int, packed: bool, pairs: bool = 
 
 
 def run(job: Job, config: TrainConfig, resume: bool = False, callbacks=()):
-    """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``."""
-    from graft import runtime
+    """Prepare and train; the adapter (or full model) ends up in ``config.out_dir``.
+
+    An ``out_dir`` that holds anything is refused unless ``resume`` continues the run there or
+    ``job.overwrite`` replaces it (:mod:`graft.rundir`); both are checked before anything is loaded.
+    """
+    import torch
+
+    from graft import rundir, runtime
     from graft.train import distributed, train
     from graft.train.loop import planned_steps
     from graft.train.report import check_available, startup_summary
 
     check_available(config)  # a missing metrics backend fails before the model is loaded
+    found = rundir.check(config.out_dir, resume, job.overwrite)
     distributed.init_process_group(job.dist_timeout)  # under torchrun; first, so each rank picks its own GPU
+    if distributed.is_main():
+        if job.overwrite:
+            rundir.clear(found)
+        elif found.other:
+            logger.warning("left in %s from before (not written by this run, so they may not match it): %s",
+                           config.out_dir, rundir.names(found.other))
     choice, config = precision(job, config)
     if distributed.is_main():
         runtime.announce(choice)
-    found: dict[str, Any] = {}
-    model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, found)
-    if config.progress and not distributed.launched():
-        print(startup_summary(model, train_rows, eval_rows, config, planned_steps(train_rows, config),
-                              found.get("description"), label_map), flush=True)
-    result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume,
-                   distributed=job.distributed(), callbacks=callbacks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads or default_threads())
+    try:
+        seen: dict[str, Any] = {}
+        model, tokenizer, train_rows, eval_rows, collate, label_map = prepare(job, config, seen)
+        if config.progress and not distributed.launched():
+            print(startup_summary(model, train_rows, eval_rows, config, planned_steps(train_rows, config),
+                                  seen.get("description"), label_map), flush=True)
+        result = train(model, train_rows, collate, config, eval_data=eval_rows, resume=resume,
+                       distributed=job.distributed(), callbacks=callbacks)
+    finally:
+        torch.set_num_threads(threads)  # the process's own setting again (graft.recipe.run inside a notebook)
     if config.out_dir and distributed.is_main():
         out = Path(config.out_dir)
         target = out / ("adapter" if job.method != "full" else "model")
         tokenizer.save_pretrained(target)
-        if found["format"] is not None:
-            write_prompt_format(target, job, tokenizer, found["format"])
+        if seen.get("format") is not None:
+            write_prompt_format(target, job, tokenizer, seen["format"])
         info = {"job": dataclasses.asdict(job), "train": dataclasses.asdict(config), "label_map": label_map}
         (out / "job.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
         result.outputs["tokenizer"] = str(target)
         result.outputs["job settings"] = str(out / "job.json")
     return model, tokenizer, result
+
+
+def default_threads() -> int:
+    """The cores this process may use, shared among the ranks torchrun started on this machine."""
+    from graft.options import available_cores
+
+    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from graft.options import OptionError
+
 ALL_LINEAR = "all-linear"
 LAYER_CONTAINERS = ("layers", "h", "layer", "block", "blocks")
 Spec = str | Sequence[str] | None
@@ -113,13 +115,13 @@ def resolve(
             )
         found.append(name)
     if not found:
-        raise ValueError(_no_match_message(model, targets, exclude, layer_set, what))
+        raise _no_match_error(model, targets, exclude, layer_set, what)
     if not isinstance(targets, str):
         # A typo next to good entries must not be silently ignored.
         names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n)]
         for entry in targets:
             if not any(matches(n, [entry]) for n in names):
-                raise ValueError(_no_match_message(model, [entry], None, None, what))
+                raise _no_match_error(model, [entry], None, None, what)
     return found
 
 
@@ -146,7 +148,11 @@ def _inside_adapter(name: str) -> bool:
     )
 
 
-def _no_match_message(model: nn.Module, targets: Spec, exclude: Spec, layers: set[int] | None, what: str) -> str:
+def _no_match_error(model: nn.Module, targets: Spec, exclude: Spec, layers: set[int] | None,
+                    what: str) -> OptionError:
+    """No module matched: the error names the option as its caller does (``LoRA targets=[...]`` in Python,
+    ``--targets`` on the command line), suggests close names and lists the linear modules."""
+    owner, _, key = what.rpartition(" ")  # "LoRA targets" -> ("LoRA", "targets")
     names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n)]
     suffixes = sorted({n.split(".")[-1] for n in names})
     wanted = [targets] if isinstance(targets, str) else list(targets)
@@ -155,16 +161,17 @@ def _no_match_message(model: nn.Module, targets: Spec, exclude: Spec, layers: se
         for h in difflib.get_close_matches(str(w).split(".")[-1], suffixes, n=3, cutoff=0.5):
             if h not in hints:
                 hints.append(h)  # best match first
-    msg = f"{what}={targets!r} matches no module of {type(model).__name__}"
+    msg = f"{{{key}}} matches no module of {type(model).__name__}"
     if exclude:
-        msg += f" (after exclude={exclude!r})"
+        msg += " (after {exclude})"
     if layers is not None:
         msg += f" (restricted to layers {sorted(layers)})"
     if hints:
         msg += f". Did you mean {hints}?"
     linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and is_linear(m)})
     msg += f" Linear module names in this model: {linear[:20]}; or use 'all-linear'."
-    return msg
+    return OptionError(msg, where=owner,
+                       **{key: targets, **({"exclude": exclude} if exclude else {})})
 
 
 def compact_targets(model: nn.Module, resolved: list[str]) -> list[str]:

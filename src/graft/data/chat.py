@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from graft.data.formats import DataOptionError
 from graft.data.readers import DataError
 
 __all__ = ["chat_segments"]
@@ -41,9 +42,9 @@ def chat_segments(
         DataError: The tokenizer has no chat template, or the template is not prefix-consistent.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{type(tokenizer).__name__} has no chat template; use format='alpaca'/'completion'/'cot' "
-            "without chat_template=True, or a tokenizer of a chat model"
+        raise DataOptionError(
+            f"{type(tokenizer).__name__} has no chat template; use alpaca, completion or cot rows without "
+            "{chat_template}, or a tokenizer of a chat model", chat_template=True,
         )
     segments: list[tuple[str, bool]] = []
     done = ""  # the rendered text covered by segments so far

@@ -35,6 +35,7 @@ from typing import Any
 
 from graft.data.readers import DataError, Record
 from graft.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, Template, fill
+from graft.options import NAME, OptionError
 
 __all__ = [
     "FORMATS",
@@ -47,6 +48,10 @@ __all__ = [
     "render",
     "serialize_row",
 ]
+
+
+class DataOptionError(DataError, OptionError):
+    """Bad data whose remedy is an option: its message names the option as the caller gives it."""
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,10 @@ def detect_format(record: Record, fields: Mapping[str, str] | None = None) -> st
         if needed <= have:
             return name
     allowed = "; ".join(f"{s.name} ({s.description})" for s in FORMATS.values())
-    raise DataError(
+    raise DataOptionError(
         f"{record.where}: cannot tell the data format from the fields {', '.join(sorted(have)) or 'none'}; "
-        f"pass format= (one of: {allowed}) and, for other column names, fields={{format field: column}}"
+        f"pass {{format}} (one of: {allowed}) and, for other column names, {{fields}}",
+        format=NAME, fields=NAME,
     )
 
 
@@ -210,8 +216,9 @@ def render(
         return Rendered(messages=_messages(values["messages"], record.where))
     if format in CLASSIFICATION_FORMATS:
         if template.response is not None or chat:
-            raise DataError(
-                f"format {format!r} has no response: use template=str for its input text, chat=False"
+            raise DataOptionError(
+                "{format} has no response: a {template} shapes its input text, and it takes no chat template",
+                format=format, template=NAME,
             )
         return Rendered(
             prompt=fill(_first(template.prompt, "{text}"), values, record.where), label=values["label"]

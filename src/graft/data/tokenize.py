@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from graft.data.chat import chat_segments
 from graft.data.formats import (
     CLASSIFICATION_FORMATS,
+    DataOptionError,
     Rendered,
     check_fields,
     detect_format,
@@ -37,6 +38,7 @@ from graft.data.formats import (
 )
 from graft.data.readers import DataError, Record, read
 from graft.data.templates import Template
+from graft.options import NAME
 
 __all__ = ["IGNORE_INDEX", "OVERFLOW", "Example", "Stats", "stats", "tokenize"]
 
@@ -140,10 +142,12 @@ def tokenize(
     if isinstance(template, str):
         template = Template(prompt=template)
     if chat_template and format in ("text", *CLASSIFICATION_FORMATS):
-        raise DataError(f"chat_template=True applies to alpaca, completion and cot rows, not {format!r}")
+        raise DataOptionError("{chat_template} applies to alpaca, completion and cot rows, not {format}",
+                              chat_template=True, format=format)
     if system is not None and not (chat_template or format == "chat"):
-        raise DataError(f"system= is a chat-template message; {format!r} rows are rendered without the chat template "
-                        "(pass chat_template=True, or put the text in the template)")
+        raise DataOptionError("{system} is a chat-template message; {format} rows are rendered without the chat "
+                              "template (add {chat_template}, or put the text in the template)",
+                              system=NAME, format=format, chat_template=True)
     if format in CLASSIFICATION_FORMATS:
         return _tokenize_classes(records, tokenizer, format, template, max_length, fields, label_map)
     if label_map is not None:
@@ -274,11 +278,11 @@ def _example(
     outcome = "fits" if excess <= 0 else "prompt cut" if excess <= first else "response cut"
     if outcome == "response cut":  # cutting the whole prompt is not enough
         if on_overflow == "error":
-            raise DataError(
+            raise DataOptionError(
                 f"{record.where}: the response is {len(ids) - first} tokens and the prompt "
-                f"{len(head) + first}, "
-                f"but max_length={max_length} cannot hold the response; raise max_length, shorten the row, "
-                "or pass on_overflow='skip' (or 'truncate')"
+                f"{len(head) + first}, but {{max_length}} cannot hold the response; raise {{max_length__name}}, "
+                "shorten the row, or pass {on_overflow} (or {on_overflow__truncate})",
+                max_length=max_length, max_length__name=NAME, on_overflow="skip", on_overflow__truncate="truncate",
             )
         if on_overflow == "skip":
             return None, "skipped"

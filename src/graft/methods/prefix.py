@@ -102,6 +102,8 @@ class PrefixTuning(PromptLearning):
     tokenizer: Any = field(default=None, compare=False)
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    # transformers calls a checkpointed layer without its past_key_values, which carry the prefix
+    gradient_checkpointing_ok: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from graft.options import NAME, OptionError
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant", "cosine_restarts")
 AUTOCAST = ("bf16", "fp16", None)
@@ -145,12 +147,10 @@ class TrainConfig:
         _integer("warmup_steps", self.warmup_steps, low=0)
         _number("warmup_ratio", self.warmup_ratio, low=0.0)
         if self.warmup_ratio >= 1.0:
-            raise ValueError(f"TrainConfig warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+            raise OptionError("{warmup_ratio} must be in [0, 1)", where="TrainConfig", warmup_ratio=self.warmup_ratio)
         if self.warmup_steps and self.warmup_ratio:
-            raise ValueError(
-                f"TrainConfig sets both warmup_steps={self.warmup_steps!r} and warmup_ratio={self.warmup_ratio!r}; "
-                "use one"
-            )
+            raise OptionError("sets both {warmup_steps} and {warmup_ratio}; use one", where="TrainConfig",
+                              warmup_steps=self.warmup_steps, warmup_ratio=self.warmup_ratio)
         self._check_restarts()
         if self.max_grad_norm is not None:
             _number("max_grad_norm", self.max_grad_norm, low=0.0)
@@ -163,7 +163,8 @@ class TrainConfig:
         if self.out_dir is not None and not isinstance(self.out_dir, str):
             object.__setattr__(self, "out_dir", str(self.out_dir))  # accept a Path, store JSON-friendly text
         if self.save_every and self.out_dir is None:
-            raise ValueError(f"TrainConfig save_every={self.save_every!r} needs out_dir (got None)")
+            raise OptionError("{save_every} needs {out_dir} (got None)", where="TrainConfig",
+                              save_every=self.save_every, out_dir=NAME)
         _integer("logits_chunk", self.logits_chunk, low=1)
         _flag("selective_logits", self.selective_logits)
         _choice("task", self.task, TASKS)
@@ -245,19 +246,20 @@ class TrainConfig:
 
 def _integer(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"TrainConfig {name}={value!r} must be an integer >= {low}")
+        raise OptionError(f"{{{name}}} must be an integer >= {low}", where="TrainConfig", **{name: value})
 
 
 def _number(name: str, value: Any, low: float, strict: bool = False) -> None:
     ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
           and (value > low if strict else value >= low))
     if not ok:
-        raise ValueError(f"TrainConfig {name}={value!r} must be a finite number {'>' if strict else '>='} {low}")
+        raise OptionError(f"{{{name}}} must be a finite number {'>' if strict else '>='} {low}", where="TrainConfig",
+                          **{name: value})
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"TrainConfig {name}={value!r} is not one of {allowed}")
+        raise OptionError(f"{{{name}}} is not one of {allowed}", where="TrainConfig", **{name: value})
 
 
 def _flag(name: str, value: Any) -> None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from graft.io import atomic_dir_write
 from graft.io import save as save_adapter
+from graft.options import NAME, OptionError
 from graft.train import checkpoint as ckpt
 from graft.train import dpo
 from graft.train.callbacks import EarlyStopping, KeepBest, StepInfo
@@ -153,8 +154,9 @@ def train(
             ``attention_mask``, ``labels`` of shape (batch,).
         config: The training configuration.
         eval_data: Examples to evaluate on every ``config.eval_every`` steps and at the end.
-        resume: Continue from the latest complete checkpoint in ``config.out_dir`` (start afresh
-            if there is none).
+        resume: Continue from the latest complete checkpoint in ``config.out_dir`` (an error if there
+            is none). The lr schedule is planned over this run's steps, so a run resumed with a larger
+            ``max_steps`` continues on the longer schedule.
         on_step: Called after every optimizer step (and its checkpoint) with that step's metrics, a
             :class:`~graft.train.callbacks.StepInfo` (a dict with attributes; ``request_stop()`` ends
             the run after this step), on every rank, with the metrics of all ranks.
@@ -169,14 +171,16 @@ def train(
 
     Raises:
         ValueError: Empty data, nothing trainable, a bf16/fp16 ``autocast`` the hardware lacks,
-            checkpoints in ``out_dir`` without ``resume=True``, or a checkpoint from a different
-            data order.
+            checkpoints in ``out_dir`` without ``resume=True`` (or ``resume=True`` without one),
+            ``eval_every`` without ``eval_data``, or a checkpoint from a different data order.
     """
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if resume and out_dir is None:
-        raise ValueError("resume=True needs TrainConfig.out_dir (where the checkpoints are)")
+        raise OptionError("{resume} needs TrainConfig.out_dir (where the checkpoints are)", resume=True)
+    if config.eval_every and eval_data is None:
+        raise OptionError("{eval_every} needs eval_data to evaluate on", eval_every=config.eval_every)
     dist = setup_distributed(model, distributed, config.seed)  # None in a single process
     order = dist.order_config(config) if dist is not None else config  # what decides the global data order
     device = next(model.parameters()).device
@@ -189,7 +193,7 @@ def train(
         map_large_blocks()
     lengths = [_length(x) for x in train_data] if config.tokens_per_batch else None
     total = config.max_steps or _count_steps(len(train_data), lengths, order)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total)
     scaler = torch.amp.GradScaler(device.type) if config.autocast == "fp16" else None
@@ -208,7 +212,9 @@ def train(
                 for rows in (train_data, eval_data))
         progress = _Progress()
         if start is not None:
+            planned = [dict(vars(f)) for f in scheduler.lr_lambdas]  # this run's schedule, over ``total``
             progress = _Progress.from_state(ckpt.load_checkpoint(start, model, optimizer, scheduler, scaler))
+            _replan_schedule(scheduler, planned, total)
         else:
             _prepare_methods(model, train_data, collate, order, lengths, loss_fn, device)
         model.train()
@@ -551,10 +557,13 @@ def _find_start(out_dir: Path | None, resume: bool, config: TrainConfig, n: int,
     ckpt.remove_stale_temporaries(out_dir)
     latest = ckpt.latest_checkpoint(out_dir)
     if latest is None:
+        if resume:
+            raise OptionError(f"{{resume}}: no checkpoint to continue from in {out_dir} (looked for "
+                              "checkpoint-<step>/ directories with a trainer_state.json)", resume=True)
         return None
     if not resume:
-        raise ValueError(f"{out_dir} already holds {latest.name}; pass resume=True to continue that run, "
-                         "or choose another out_dir")
+        raise OptionError(f"{out_dir} already holds {latest.name}; pass {{resume}} to continue that run, "
+                          "or choose another {out_dir}", resume=True, out_dir=NAME)
     state = ckpt.read_state(latest)
     saved = _global_order(state["config"], state.get("world_size", 1))
     now = _global_order(config.to_dict(), world_size)
@@ -569,9 +578,31 @@ def _find_start(out_dir: Path | None, resume: bool, config: TrainConfig, n: int,
                          f"train_data has {n}")
     changed = [k for k, v in now.items() if k not in ("out_dir", "progress") and saved.get(k) != v]
     if changed:
-        warnings.warn(f"resuming {latest} with changed settings {changed}; the lr schedule continues as saved",
-                      stacklevel=3)
+        warnings.warn(f"resuming {latest} with changed settings {changed}; the lr schedule is planned over this "
+                      "run's steps", stacklevel=3)
     return latest
+
+
+def _replan_schedule(scheduler: Any, planned: list[dict[str, Any]], total: int) -> None:
+    """Put this run's schedule back after a checkpoint restored the saved one.
+
+    ``LambdaLR.load_state_dict`` restores the schedule object's fields, its ``total`` among them, so a
+    run resumed with a larger ``max_steps`` would follow the saved cosine past its end (lr 0 at the old
+    last step, then rising again). The rate of every later step comes from this run's plan instead; the
+    step count (``last_epoch``) stays the checkpoint's.
+    """
+    saved = [dict(vars(f)) for f in scheduler.lr_lambdas]
+    if saved == planned:
+        return
+    for schedule, fields in zip(scheduler.lr_lambdas, planned):
+        vars(schedule).update(fields)
+    step = scheduler.last_epoch
+    for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    warnings.warn(f"resumed at step {step} with the lr schedule planned over {total} steps (the checkpoint's "
+                  f"plan: {saved[0].get('total')}); the next step trains at lr {scheduler._last_lr[0]:.3g}",
+                  stacklevel=3)
 
 
 def _global_order(config: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -598,7 +629,7 @@ def _save_final(model: nn.Module, out_dir: Path) -> Path:
     return path
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -619,8 +650,9 @@ def _check_autocast(config: TrainConfig, device: torch.device) -> None:
         }[config.autocast]
         if not has:
             need = "AVX512-BF16 or AMX" if config.autocast == "bf16" else "AMX-FP16"
-            raise ValueError(f"TrainConfig autocast={config.autocast!r}: this CPU lacks {need}, so reduced precision "
-                             "would be emulated and slower than fp32; use autocast=None")
+            raise OptionError(f"{{autocast}}: this CPU lacks {need}, so reduced precision would be emulated and "
+                              "slower than fp32; drop {autocast__name}", where="TrainConfig",
+                              autocast=config.autocast, autocast__name=NAME)
     elif device.type == "cuda" and config.autocast == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError("TrainConfig autocast='bf16': this GPU does not support bf16; use 'fp16' or None")
 
