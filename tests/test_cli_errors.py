@@ -264,3 +264,10 @@ def test_bitsandbytes_kernel_hub_notice_is_filtered_and_nothing_else():
                                ("no network",), None)
     other = logger.makeRecord(logger.name, logging.WARNING, "ops.py", 1, "something else", (), None)
     assert not logger.filter(notice) and logger.filter(other)
+
+
+def test_axolotl_keys_read_as_grafts():
+    options, notes = apply_aliases({"base_model": "m", "adapter": "qlora", "lora_target_modules": ["q_proj"],
+                                    "sequence_len": 1024, "micro_batch_size": 2})
+    assert options == {"model": "m", "method": "qlora", "targets": ["q_proj"], "max_length": 1024, "batch_size": 2}
+    assert notes

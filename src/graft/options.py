@@ -154,6 +154,12 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "save_total_limit": ("keep_checkpoints", None),
     "logging_steps": ("log_every", None),
     "finetuning_type": ("method", None),
+    # Axolotl's names
+    "base_model": ("model", None),
+    "adapter": ("method", None),
+    "lora_target_modules": ("targets", _targets),
+    "sequence_len": ("max_length", None),
+    "micro_batch_size": ("batch_size", None),
     "quantization_bit": ("quantize", _quantize),
 }
 # Precision switches name a value of graft's autocast: bf16: true -> autocast: bf16 (false: the default).
