@@ -200,7 +200,7 @@ def test_labelled_rows_on_an_encoder_train_a_classifier(extra, encoder, labelled
 def test_threads_default_to_the_cores_this_process_may_use(decoder, alpaca, tmp_path, monkeypatch):
     seen = []
 
-    def stop(job, config):
+    def stop(job, config, info=None):
         seen.append(torch.get_num_threads())
         raise ValueError("stop here")
 
