@@ -17,17 +17,10 @@ import torch
 
 import graft
 from graft.cli import main as cli
-from graft.plan import (
-    PRESETS,
-    _Candidate,
-    _Settings,
-    _shape,
-    _walk,
-    build_meta,
-    load_config,
-    parse_memory,
-    recommend,
-)
+from graft.plan import PRESETS, build_meta, load_config, parse_memory, recommend
+from graft.plan.estimate import _Candidate, _walk
+from graft.plan.settings import _Settings
+from graft.plan.trace import _shape
 
 GB = 10**9
 NUMBER = re.compile(r"\d+(\.\d+)? [kMGT]?B")
