@@ -276,7 +276,7 @@ def test_a_system_message_is_trained_saved_and_reused(model_dir, data_file, tmp_
     assert rc == 0, err
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows] == trained[:2]
-    with pytest.raises(data.DataError, match="system= is a chat-template message"):
+    with pytest.raises(data.DataError, match="system is a chat-template message"):
         data.tokenize(ROWS, tok, format="alpaca", system="Answer with a number.")
 
 

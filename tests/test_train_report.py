@@ -258,7 +258,7 @@ def test_yaml_takes_the_new_keys(tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_text("data: prefs.jsonl\nobjective: dpo\nbeta: 2e-1\nlabel_smoothing: 0.1\nreport_to: [tensorboard]\n"
-                    "eval_every: 5\nearly_stopping_patience: 2\nkeep_best: true\n")
+                    "eval_split: 0.2\neval_every: 5\nearly_stopping_patience: 2\nkeep_best: true\n")
     _, cfg = recipe.split_options(recipe.read_yaml(path))
     assert (cfg.objective, cfg.beta, cfg.label_smoothing, cfg.report_to) == ("dpo", 0.2, 0.1, "tensorboard")
     assert cfg.reporters() == ["tensorboard"] and cfg.early_stopping_patience == 2 and cfg.keep_best
