@@ -22,6 +22,9 @@ EXAMPLES = {
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
     "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
              "--port 8000 --api-key-file keys.txt --adapter-root runs",
+    "library": "graft library build --model smollm2-135m --tasks ../shared/data/tasks/index.json --out lib/ "
+               "--r 8 --targets q_proj,v_proj\n  graft library list lib/\n"
+               '  graft library search lib/ "translate to German" --k 5',
 }
 
 
@@ -86,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+
+    from graft.compose.library_cli import add_library_arguments
+
+    add_library_arguments(verb("library", "An adapter library: build one LoRA per task of a task collection, "
+                                          "list it, search it by description."))
     return p
 
 
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
+                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "library": cmd_library}[args.verb](args)
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
@@ -489,6 +497,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_library(args: argparse.Namespace) -> int:
+    from graft.compose.library_cli import cmd_library as run
+
+    return run(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
