@@ -359,11 +359,25 @@ class Library:
         atomic_file_write(self.path / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
     def _add(self, entry: Entry) -> None:
-        self._entries.pop(entry.name, None)
-        self._entries[entry.name] = entry
-        self._embeddings = None
-        self.info["updated"] = _now()
-        self._write()
+        """Add (or replace) an entry and rewrite the manifest. Under an exclusive lock the manifest is
+        read again first, so several builders filling one library with disjoint tasks (``--only``)
+        keep each other's entries."""
+        import fcntl
+
+        with open(self.path / ".manifest.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if (self.path / MANIFEST).is_file():
+                    for other in Library.open(self.path).entries:
+                        if other.name not in self._entries:
+                            self._entries[other.name] = other
+                self._entries.pop(entry.name, None)
+                self._entries[entry.name] = entry
+                self._embeddings = None
+                self.info["updated"] = _now()
+                self._write()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _now() -> str:

@@ -39,6 +39,7 @@ def add_library_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"score adapter and base on at most N held-out rows; 0 = all (default {d.eval_rows})")
     b.add_argument("--split-seed", type=int, default=d.split_seed)
     b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--threads", type=int, help="torch CPU threads (on a shared, oversubscribed CPU 1 is fastest)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per task still)")
 
     ls = sub.add_parser("list", help="the adapters of a library, with their held-out scores")
@@ -59,6 +60,10 @@ def cmd_library(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from graft.compose.library import BuildConfig, build
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = BuildConfig(r=args.r, alpha=args.alpha, targets=args.targets, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, max_length=args.max_length,
                          max_train_rows=args.max_train_rows or None, heldout=args.heldout,
