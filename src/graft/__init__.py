@@ -1,6 +1,7 @@
 """graft: parameter-efficient adaptation of pretrained transformers."""
 
 from graft import decode
+from graft.compose.combine import combine
 from graft.core import (
     Average,
     Parallel,
@@ -52,6 +53,7 @@ __all__ = [
     "activate",
     "active_adapters",
     "attach",
+    "combine",
     "decode",
     "detach",
     "disabled",
