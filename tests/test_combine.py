@@ -301,4 +301,13 @@ def test_state_dict_errors():
 
 def test_methods_listed():
     assert set(METHODS) == {"linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd",
-                            "dare_ties", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"}
+                            "dare_ties", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd", "lorahub"}
+
+
+def test_lorahub_method_sums_the_factors():
+    model = with_adapters("llama", alphas=(8, 8, 8))
+    graft.combine(model, WEIGHTS, method="lorahub", name="hub")
+    for _, layer in adapter_layers(model):
+        a = sum(w * layer.lora_A[n].weight for n, w in WEIGHTS.items())
+        b = sum(w * layer.lora_B[n].weight for n, w in WEIGHTS.items())
+        torch.testing.assert_close(layer.delta_weight("hub"), 2.0 * (b @ a), atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from graft import decode
 from graft.compose.combine import combine
+from graft.compose.lorahub import lorahub
 from graft.core import (
     Average,
     Parallel,
@@ -59,6 +60,7 @@ __all__ = [
     "disabled",
     "load",
     "loftq",
+    "lorahub",
     "merge",
     "plan",
     "prepare_kbit_training",

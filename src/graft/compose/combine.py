@@ -16,6 +16,8 @@ as the oracle for every number:
     magnitude_prune  trim by magnitude, then sum
     *_svd            the method on the full ΔW_i, then a truncated SVD (without the suffix, on the
                      factors A and B separately, as ``linear`` does)
+    lorahub          A = Σ w_i s_i A_i, B = Σ w_i B_i: the composition LoraHub searches over (Huang et
+                     al. 2023; equal ranks; with equal scalings ΔW = s (Σ w_i B_i)(Σ w_j A_j)). Not in peft
 
 Weights may be negative (task negation). (IA)³ adapters combine as Σ w_i l_i, peft's rule.
 
@@ -45,7 +47,8 @@ __all__ = ["METHODS", "combine", "combine_lora_factors", "combine_state_dicts", 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 # Methods applied to the full deltas, then truncated by SVD.
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-METHODS = (*FACTOR_METHODS, "cat", *SVD_METHODS)
+METHODS = (*FACTOR_METHODS, "cat", *SVD_METHODS, "lorahub")
+EQUAL_RANK_METHODS = (*FACTOR_METHODS, "lorahub")
 DENSITY_METHODS = tuple(m for m in METHODS if m.removesuffix("_svd") in ("ties", "dare_linear", "dare_ties",
                                                                            "magnitude_prune"))
 SIGN_METHODS = ("total", "frequency")
@@ -153,6 +156,11 @@ def combine_lora_factors(
         a = torch.cat([fa * w * s for (fa, _, s), w in zip(factors, weights)], dim=0)  # (Σ r_i, d_in)
         b = torch.cat([fb for _, fb, _ in factors], dim=1)  # (d_out, Σ r_i)
         return a.to(dtype), b.to(dtype)
+    if method == "lorahub":
+        w = torch.tensor(list(weights), device=factors[0][0].device)
+        a = merge_tensors([fa * s for fa, _, s in factors], w)
+        b = merge_tensors([fb for _, fb, _ in factors], w)
+        return a.to(dtype), b.to(dtype)
     if method in FACTOR_METHODS:
         # √|w s| on both factors, the sign on A only: B A then carries w s exactly once (peft).
         roots = [math.sqrt(abs(w * s)) for (_, _, s), w in zip(factors, weights)]
@@ -222,7 +230,7 @@ def _check_weights(weights: Sequence[float], n: int) -> list[float]:
 
 
 def _check_ranks(method: str, where: str, ranks: Sequence[int], names: Sequence[str]) -> None:
-    if method in FACTOR_METHODS and len(set(ranks)) > 1:
+    if method in EQUAL_RANK_METHODS and len(set(ranks)) > 1:
         detail = ", ".join(f"{n}: r={r}" for n, r in zip(names, ranks))
         raise ValueError(
             f"method={method!r} sums the A's and the B's, so every adapter needs the same rank, but at {where} "
