@@ -109,7 +109,7 @@ def test_build_writes_adapters_and_manifest(built):
 
 
 def test_adapters_load_and_differ_from_base(built):
-    root, _, model_dir, lib = built
+    _, _, model_dir, lib = built
     model, _ = graft.models.load(model_dir)
     ids = torch.tensor([[5, 17, 200, 3000]])
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_adapters_load_and_differ_from_base(built):
 
 def test_the_score_is_the_adapters_own(built):
     """The recorded held-out score is what tasks.evaluate gives with that adapter on those rows."""
-    root, index, model_dir, lib = built
+    _, index, model_dir, lib = built
     model, tok = graft.models.load(model_dir)
     entry = lib.entry("parity")
     task = next(t for t in T.read_tasks(index) if t.name == "parity")
@@ -216,7 +216,7 @@ def test_serve_loads_adapters_from_a_library_root(built):
 
 
 def test_cli_build_errors(tmp_path, built, capsys):
-    root, index, model, _ = built
+    _, index, model, _ = built
     assert main(["library", "build", "--model", str(model), "--tasks", str(tmp_path / "none.json"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "task index" in capsys.readouterr().err

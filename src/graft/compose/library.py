@@ -461,10 +461,12 @@ def _select(tasks: list[T.Task], only: Sequence[str] | None, exclude: Sequence[s
     return chosen
 
 
-def _clean_partial(path: Path) -> None:
-    """Remove temporary directories a killed adapter save left behind (``.<name>.tmp-*``)."""
-    for tmp in path.glob(".*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+def _clean_partial(path: Path, names: Sequence[str]) -> None:
+    """Remove the temporary directories a killed save of these adapters left (``.<name>.tmp-*``); only
+    theirs, as another builder may be saving its own adapters into the same library right now."""
+    for name in names:
+        for tmp in path.glob(f".{name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build(
@@ -523,8 +525,8 @@ def build(
         out.mkdir(parents=True, exist_ok=True)
         lib = Library(out, base, [], {"created": _now(), "embedder": EMBEDDER}, embed)
         lib._write()
-    _clean_partial(out)
     todo = [t for t in chosen if not lib.is_complete(t.name)]
+    _clean_partial(out, [t.name for t in todo])
     bar = tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc="library", unit="task",
                disable=not progress, dynamic_ncols=True)
     say = log or bar.write
