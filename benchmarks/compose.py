@@ -226,7 +226,11 @@ def main() -> None:
     missing = [n for n in heldout if n not in lib]
     library_names = [n for n in lib.names if n not in BENCHMARK_HELDOUT]
     if missing:
-        raise SystemExit(f"the library lacks the held-out tasks' own adapters {missing}; finish `graft library build`")
+        raise SystemExit(f"the library lacks the held-out tasks' own adapters {missing}; finish `graft library build` "
+                         "or pass --only")
+    if len(library_names) < args.k:
+        raise SystemExit(f"the library has {len(library_names)} adapters besides the held-out tasks' "
+                         f"(fewer than --k {args.k}); finish `graft library build`")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = models.load(lib.base["id"])
@@ -246,6 +250,7 @@ def main() -> None:
         result["settings"] = {k: getattr(args, k) for k in ("rows", "seeds", "k", "budget", "few_shot_steps", "seed",
                                                           "threads")}
         result["load_average"] = round(os.getloadavg()[0], 1)
+        result["library_adapters"] = len(library_names)
         file.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wall {time.time() - started:.0f} s; load average {os.getloadavg()[0]:.1f}")
     print(table(out_dir))
