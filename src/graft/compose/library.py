@@ -425,14 +425,15 @@ def _write_embeddings(file: Path, tensor, key: str, embedder: str) -> None:
 # Building a library from a task collection
 
 
-def base_identity(name_or_path: str, model: Any) -> dict[str, Any]:
-    """What identifies a base model in a manifest: the id it was loaded by and its architecture."""
+def base_identity(name_or_path: str, config: Any) -> dict[str, Any]:
+    """What identifies a base model in a manifest: the id it was loaded by and its architecture
+    (``config``: its transformers config, read before the weights so a mismatch fails at once)."""
     from graft import models
 
     given = str(name_or_path)
     canonical = models._ALIASES.get(given.lower(), given) if given.lower() in {
         *models.BUILTIN, *models._ALIASES} else str(Path(given).resolve())
-    cfg = model.config
+    cfg = config
     return {"id": canonical, "name": getattr(cfg, "_name_or_path", None) or canonical,
             "model_type": cfg.model_type, "architectures": list(getattr(cfg, "architectures", None) or []),
             "hidden_size": getattr(cfg, "hidden_size", None),
@@ -510,18 +511,19 @@ def build(
     """
     import torch
     from tqdm.auto import tqdm
+    from transformers import AutoConfig
 
     from graft import models
 
     config = config or BuildConfig()
     chosen = _select(T.read_tasks(tasks), only, exclude)
     out = Path(out)
-    lm, tokenizer = models.load(model)
-    base = base_identity(str(model), lm)
+    base = base_identity(str(model), AutoConfig.from_pretrained(models.resolve(model), local_files_only=True))
     if (out / MANIFEST).exists():
         lib = Library.open(out, embed=embed)
         _check_same_base(lib, base)
-    else:
+    lm, tokenizer = models.load(model)
+    if not (out / MANIFEST).exists():
         out.mkdir(parents=True, exist_ok=True)
         lib = Library(out, base, [], {"created": _now(), "embedder": EMBEDDER}, embed)
         lib._write()
