@@ -249,3 +249,27 @@ def test_open_rejects_other_format(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99, "base": {}, "adapters": []}))
     with pytest.raises(ValueError, match="format_version 99"):
         L.Library.open(tmp_path)
+
+
+def test_compose_benchmark_runs_on_a_tiny_library(built, tmp_path):
+    """benchmarks/compose.py's per-task protocol end to end (tiny sizes), and its table."""
+    import importlib.util
+    import types
+
+    root, index, _, lib = built
+    spec = importlib.util.spec_from_file_location("compose_bench", Path(__file__).parents[1] / "benchmarks" / "compose.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, tok = graft.models.load(lib.base["id"])
+    library = ["upper", "translate_de"]
+    for n in library:
+        graft.load(model, lib.path_of(n), n, activate=False)
+    args = types.SimpleNamespace(tasks=str(index), rows=3, seeds=2, k=2, budget=2, nearest_k=True, few_shot_steps=1,
+                                 seed=0)
+    out = bench.run_task("parity", args, L.Library.open(root / "lib", embed=bag_of_words), model, tok, library)
+    assert set(out["scores"]) == set(bench.METHODS) and all(0 <= v <= 1 for v in out["scores"].values())
+    assert out["scores"]["own LoRA"] == lib.entry("parity").scores["adapter"]  # the same 3 rows, the same adapter
+    assert out["detail"]["nearest"]["adapter"] in library and len(out["detail"]["LoraHub"]) == 2
+    assert graft.active_adapters(model) == [] and sorted(graft.core.state_of(model).methods) == sorted(library)
+    (tmp_path / "parity.json").write_text(json.dumps(out))
+    assert "| parity | no | 3 |" in bench.table(tmp_path)
