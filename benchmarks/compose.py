@@ -46,8 +46,6 @@ def sample(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def run_task(name: str, args, lib, model, tok, library_names: list[str]) -> dict:
-    import torch
-
     import graft
     from graft.compose import tasks as T
     from graft.compose.combine import combine
@@ -123,7 +121,6 @@ def run_task(name: str, args, lib, model, tok, library_names: list[str]) -> dict
     out["scores"]["own LoRA"] = timed("own LoRA", lambda: score("own"))
     graft.detach(model, "own")
     say(f"own LoRA {out['scores']['own LoRA']:.3f}")
-    torch.set_grad_enabled(True)
     return out
 
 

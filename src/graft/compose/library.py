@@ -509,7 +509,6 @@ def build(
         ValueError: ``out`` is a library of another base model, or ``only`` / ``exclude`` name
             unknown tasks.
     """
-    import torch
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
@@ -546,7 +545,6 @@ def build(
             bar.update(1)
     finally:
         bar.close()
-    torch.set_grad_enabled(True)
     lib.embeddings  # noqa: B018 (computes and caches the description embeddings)
     return lib
 
