@@ -7,6 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from graft.compose.commands import (
+    COMBINE_EXAMPLE,
+    LORAHUB_EXAMPLE,
+    add_combine_arguments,
+    add_lorahub_arguments,
+    cmd_combine,
+    cmd_lorahub,
+)
+
 EXAMPLES = {
     "train": "graft train --model smollm2-135m --data train.jsonl --method lora --r 16 --targets all-linear "
              "--epochs 1 --out runs/x\n  graft train config.yaml --max-steps 100",
@@ -20,6 +29,8 @@ EXAMPLES = {
     "plan": "graft plan --model llama-2-7b --memory 24GB --seq-len 2048 --batch 4 --goal instructions\n"
             "  graft plan --model ./my-model-dir --memory 16GiB --json\n"
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
+    "combine": COMBINE_EXAMPLE,
+    "lorahub": LORAHUB_EXAMPLE,
     "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
              "--port 8000 --api-key-file keys.txt --adapter-root runs",
     "library": "graft library build --model smollm2-135m --tasks ../shared/data/tasks/index.json --out lib/ "
@@ -71,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     add_plan_arguments(verb("plan", "What fits in your memory, what each method costs, and which one to use "
                                     "(nothing is loaded: the architecture is built on the meta device)."))
 
+    add_combine_arguments(verb("combine", "Combine adapters into a new one with weights (linear, cat, svd, ties, "
+                                          "dare, task arithmetic), written in PEFT format."))
+    add_lorahub_arguments(verb("lorahub", "Compose library LoRAs for a new task from a few examples (LoraHub: "
+                                          "gradient-free search of their weights)."))
+
     s = verb("serve", "Serve one base model and many adapters over an OpenAI-compatible HTTP API "
                       "(the request's model field picks the adapter).")
     s.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
@@ -101,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "library": cmd_library}[args.verb](args)
+                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "library": cmd_library,
+                "combine": cmd_combine, "lorahub": cmd_lorahub}[args.verb](args)
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
