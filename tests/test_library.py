@@ -249,6 +249,10 @@ def test_open_rejects_other_format(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99, "base": {}, "adapters": []}))
     with pytest.raises(ValueError, match="format_version 99"):
         L.Library.open(tmp_path)
+    entry = {"name": "x", "path": "../elsewhere", "description": "d"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "base": {}, "adapters": [entry]}))
+    with pytest.raises(ValueError, match="inside it"):
+        L.Library.open(tmp_path)
 
 
 def test_compose_benchmark_runs_on_a_tiny_library(built, tmp_path):

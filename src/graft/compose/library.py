@@ -205,6 +205,8 @@ class Entry:
         missing = [k for k in ("name", "path", "description") if not isinstance(obj.get(k), str)]
         if missing:
             raise ValueError(f"{where}: an entry lacks {', '.join(missing)}")
+        if Path(obj["path"]).is_absolute() or ".." in Path(obj["path"]).parts:
+            raise ValueError(f"{where}: path {obj['path']!r} must be relative to the library, inside it")
         known = {f.name for f in dataclasses.fields(cls)}
         args = {k: v for k, v in obj.items() if k in known}
         args["alt_descriptions"] = tuple(args.get("alt_descriptions") or ())
