@@ -1,6 +1,8 @@
 """graft: parameter-efficient adaptation of pretrained transformers."""
 
 from graft import decode, runtime
+from graft.compose.combine import combine
+from graft.compose.lorahub import lorahub
 from graft.core import (
     Average,
     Parallel,
@@ -52,11 +54,13 @@ __all__ = [
     "activate",
     "active_adapters",
     "attach",
+    "combine",
     "decode",
     "detach",
     "disabled",
     "load",
     "loftq",
+    "lorahub",
     "merge",
     "plan",
     "prepare_kbit_training",

@@ -10,6 +10,14 @@ import signal
 import sys
 from pathlib import Path
 
+from graft.compose.commands import (
+    COMBINE_EXAMPLE,
+    LORAHUB_EXAMPLE,
+    add_combine_arguments,
+    add_lorahub_arguments,
+    cmd_combine,
+    cmd_lorahub,
+)
 from graft.options import OptionError, cli_renderer
 
 EXAMPLES = {
@@ -28,8 +36,13 @@ EXAMPLES = {
     "export": "graft export --adapter runs/x/adapter --format gguf --out x-lora.gguf "
               "(then: llama-cli -m base.gguf --lora x-lora.gguf)",
     "push": "graft push --adapter runs/x/adapter --repo me/smollm2-sql --private",
+    "combine": COMBINE_EXAMPLE,
+    "lorahub": LORAHUB_EXAMPLE,
     "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
              "--port 8000 --api-key-file keys.txt --adapter-root runs",
+    "library": "graft library build --model smollm2-135m --tasks ../shared/data/tasks/index.json --out lib/ "
+               "--r 8 --targets q_proj,v_proj\n  graft library list lib/\n"
+               '  graft library search lib/ "translate to German" --k 5',
 }
 
 
@@ -100,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--token", help="hub token (default: HF_TOKEN or the token of `hf auth login`)")
     u.add_argument("--message", help="commit message")
 
+    add_combine_arguments(verb("combine", "Combine adapters into a new one with weights (linear, cat, svd, ties, "
+                                          "dare, task arithmetic), written in PEFT format."))
+    add_lorahub_arguments(verb("lorahub", "Compose library LoRAs for a new task from a few examples (LoraHub: "
+                                          "gradient-free search of their weights)."))
+
     s = verb("serve", "Serve one base model and many adapters over an OpenAI-compatible HTTP API "
                       "(the request's model field picks the adapter).")
     s.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
@@ -118,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+
+    from graft.compose.library_cli import add_library_arguments
+
+    add_library_arguments(verb("library", "An adapter library: build one LoRA per task of a task collection, "
+                                          "list it, search it by description."))
     return p
 
 
@@ -134,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
                   "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "export": cmd_export,
-                  "push": cmd_push}[args.verb](args)
+                  "push": cmd_push, "library": cmd_library, "combine": cmd_combine,
+                  "lorahub": cmd_lorahub}[args.verb](args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except BrokenPipeError:  # `graft inspect --json | head`: the reader has what it wanted
@@ -758,6 +782,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_library(args: argparse.Namespace) -> int:
+    from graft.compose.library_cli import cmd_library as run
+
+    return run(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -175,18 +175,22 @@ def atomic_dir_write(path: Path, write: Any) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write one file through a fsynced temporary sibling and a rename: a reader sees the old or the new file."""
+def atomic_file_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write one file so that a reader sees the old content or the new, never a part: write a
+    temporary sibling, fsync it, then rename it over ``path`` (a manifest rewritten after each step)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -216,10 +216,10 @@ def from_training(tokenizer: Any, format: str, *, chat_template: bool, template:
 
 def write(directory: str | os.PathLike[str], fmt: PromptFormat) -> Path:
     """Write ``graft_format.json`` into ``directory`` atomically; return its path."""
-    from graft.io import atomic_write_text
+    from graft.io import atomic_file_write
 
     path = Path(directory) / FILENAME
-    atomic_write_text(path, json.dumps(fmt.to_json(), indent=2, sort_keys=True) + "\n")
+    atomic_file_write(path, json.dumps(fmt.to_json(), indent=2, sort_keys=True) + "\n")
     return path
 
 
