@@ -274,13 +274,30 @@ def load(
             is left exactly as it was.
     """
     config = read_config(path)
+    return load_tensors(model, config, read_tensors(path), name, trainable=trainable, activate=activate,
+                        resume=lambda: read_resume_tensors(path))
+
+
+def load_tensors(
+    model: nn.Module,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    activate: bool = True,
+    resume: Any = dict,
+) -> nn.Module:
+    """:func:`load` from a config and tensors already read (a server reads them through checked descriptors).
+
+    ``resume`` is called for the resume tensors when the method asks for them (default: none).
+    """
     method = method_for_peft_type(config["peft_type"]).from_peft(config)
-    tensors = read_tensors(path)
     attach(model, method, name, activate=activate)
     try:
         prepare = getattr(method, "prepare_load", None)
         if prepare is not None:  # the method picks what it fills from the PEFT and resume tensors
-            tensors = prepare(model, name, tensors, read_resume_tensors(path))
+            tensors = prepare(model, name, tensors, resume())
         _fill(model, name, tensors)
     except Exception:
         detach(model, name)

@@ -21,6 +21,18 @@ import torch
 HEADROOM = 128  # columns allocated beyond the current need, so relayouts stay rare
 
 
+def token_bytes(config: Any, dtype: torch.dtype) -> int | None:
+    """Bytes one token's keys and values take over all layers, or ``None`` when the config does not say."""
+    config = getattr(config, "text_config", None) or config
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class BatchKV:
     """Key/value states of the live rows of a decoding batch."""
 
@@ -92,9 +104,16 @@ class BatchKV:
             buf_v[row, :, start : self.t] = v[0]
         self.starts.append(start)
 
-    def remove(self, row: int) -> None:
-        """Drop a row: the last row moves into its place (callers mirror the move in their own lists)."""
+    def remove(self, row: int, scrub: bool = False) -> None:
+        """Drop a row: the last row moves into its place (callers mirror the move in their own lists).
+
+        ``scrub`` zeroes the dropped row's slot first: its states may hold NaN or inf, and masked
+        positions still enter attention as ``0 * value`` (NaN for a NaN value) for the next row there.
+        """
         last = self.rows - 1
+        if scrub:
+            for buf in (*self.keys, *self.values):
+                buf[row].zero_()
         if row != last:
             lo = self.starts[last]
             for buf in (*self.keys, *self.values):
