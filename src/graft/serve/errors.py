@@ -59,12 +59,13 @@ def install_error_handlers(app: FastAPI) -> None:
         first = err.errors()[0] if err.errors() else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        where = (first.get("ctx") or {}).get("param") or where  # checks over the whole body name their field
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        param = (first.get("ctx") or {}).get("param") or (loc[0] if loc else None)  # the top-level field
         message = first.get("msg", "invalid")
         if not where and first.get("type") == "model_attributes_type":
             message = "the body must be a JSON object"
-        return error_response(400, f"{where or 'body'}: {message}", param=where or None, code="invalid_value")
+        return error_response(400, f"{where or param or 'body'}: {message}", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:

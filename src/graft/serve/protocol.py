@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from graft.serve.errors import ApiError
@@ -106,6 +106,18 @@ class CompletionBody(_Common):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     echo: bool = False
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_form(cls, value: Any) -> Any:
+        def ids(v: Any) -> bool:  # bool is an int subclass: [true, false] is not a list of token ids
+            return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        if isinstance(value, str) or (isinstance(value, list) and (
+                all(isinstance(p, str) for p in value) or ids(value) or all(ids(p) for p in value))):
+            return value
+        raise PydanticCustomError("prompt_form", "prompt must be a string, a list of strings, a list of token ids "
+                                  "(integers) or a list of such lists", {"param": "prompt"})
 
 
 class ContentPart(BaseModel):
