@@ -90,8 +90,11 @@ def choose(logits: torch.Tensor, rows: Sequence[Any]) -> list[int | Exception]:
     A row whose logits are not finite, or whose sampling raises, gets its exception back; the
     other rows are decided exactly as they would be without it.
     """
-    finite = torch.isfinite(logits).all(-1).tolist()  # (rows,)
-    greedy = logits.argmax(-1).tolist()
+    # One reduction gives both the greedy tokens and the check: a NaN or +inf anywhere in a row is its max
+    # (torch.max propagates NaN); -inf entries are harmless (zero weight). Checking every logit with isfinite
+    # cost more than the whole forward of a small model.
+    top, greedy_t = logits.max(-1)  # (rows,), (rows,); first maximal index, as argmax
+    finite, greedy = torch.isfinite(top).tolist(), greedy_t.tolist()
     out: list[int | Exception] = []
     for i, row in enumerate(rows):
         s = row.sampling
