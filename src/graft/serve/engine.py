@@ -9,6 +9,12 @@ the slowest request of a batch.
 
 Callers submit from any thread and receive :class:`Event` objects through a callback, so the
 HTTP layer can bridge them into asyncio and tests can simply block on :meth:`Engine.generate`.
+
+One request never fails another: a row whose logits are not finite, whose sampler or
+detokenizing raises, fails alone (its cache slot scrubbed); a prefill batch that raises is
+retried row by row. A cancelled row (its client went away) leaves before the next step. The
+KV-cache budget holds back admissions that would not fit beside the running rows, and
+:meth:`Engine.drain` / :meth:`Engine.abort` end a shutdown with an error for each request left.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing_extensions import Self
 
 from graft import core
 from graft.decode.generation import contiguous_head, left_pad
-from graft.serve.kv import HEADROOM, BatchKV, token_bytes
+from graft.serve.kv import BatchKV, KVBudget, token_bytes
 from graft.serve.rows import Event, Row
 from graft.serve.sampling import Sampling, choose
 
@@ -95,8 +101,6 @@ class Engine:
         kv_budget_bytes: int | None = None,
         max_waiting: int = 1024,
     ) -> None:
-        if kv_budget_bytes is not None and kv_budget_bytes < 1:
-            raise ValueError(f"kv_budget_bytes must be >= 1 (or None: no limit), got {kv_budget_bytes}")
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
         self.model = model.eval()
@@ -110,8 +114,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         if any(layer.merged for _, layer in core.adapter_layers(model)):
             raise ValueError("the model has merged adapters; serve unmerged adapters (graft.unmerge) or the merged model alone")
-        self.kv_budget_bytes = kv_budget_bytes
-        self.kv_token_bytes = token_bytes(model.config, next(model.parameters()).dtype)
+        dtype = next(model.parameters()).dtype
+        self.budget = KVBudget(kv_budget_bytes, token_bytes(model.config, dtype), max_batch, self.max_context)
         self.max_waiting = max_waiting
         self._waiting: deque[Row] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -225,21 +229,22 @@ class Engine:
                     time.perf_counter() - began,
                 )
 
-    # ---- the memory budget
-    def kv_bytes(self, spans: Sequence[int]) -> int:
-        """Bytes the batch cache can grow to holding rows that fill ``spans`` columns each.
+    # ---- the memory budget (see kv.KVBudget)
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        return self.budget.limit_bytes
 
-        The cache is one rectangle per layer: its rows grow by doubling (up to ``max_batch``), its
-        columns reach the longest span plus the relayout headroom.
-        """
-        if not spans or self.kv_token_bytes is None:
-            return 0
-        rows = max(len(spans), min(self.max_batch, 2 * len(spans)))
-        return rows * (min(max(spans), self.max_context) + HEADROOM) * self.kv_token_bytes
+    @kv_budget_bytes.setter
+    def kv_budget_bytes(self, value: int | None) -> None:
+        self.budget.limit_bytes = value
+
+    def kv_bytes(self, spans: Sequence[int]) -> int:
+        """Bytes the batch cache can grow to holding rows of these spans (prompt + max tokens each)."""
+        return self.budget.bytes_for(spans)
 
     def fits(self, spans: Sequence[int]) -> bool:
         """Whether rows of these spans fit the KV-cache budget together."""
-        return self.kv_budget_bytes is None or self.kv_bytes(spans) <= self.kv_budget_bytes
+        return self.budget.fits(spans)
 
     # ---- the engine thread
     def _loop(self) -> None:

@@ -3,7 +3,9 @@
 Adapters are known by name (the ``model`` field of a request) and path. At most ``max_loaded``
 are attached to the model at once; a request for a known adapter that is not in memory loads it
 from disk, evicting the least recently used one that no running request holds. Paths given over
-HTTP must resolve (symlinks followed) inside one of the configured roots.
+HTTP must resolve inside one of the configured roots, and so must every file read from them: each
+file is opened once and the opened file itself is checked (``paths.py``). Every load (also a
+reload after eviction) checks that the weights are finite and of a sane magnitude.
 
 Every method that changes the model runs on the engine thread (see ``Engine.call``); the name
 table itself is guarded by a lock so request handlers can check names without waiting a step.
