@@ -367,6 +367,9 @@ def test_minor_points(srv):
     for body, param in cases:
         r = post(body)
         assert r.status_code == 400 and error_body(r)["param"] == param, (body, r.text)
+    deep = '{"model": "a1", "prompt": ' + "[" * 900 + "1" + "]" * 900 + "}"  # a recursive check would hit RecursionError
+    r = srv.http.post("/v1/completions", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_body(r)["param"] == "prompt", r.text
     for literal in ("NaN", "Infinity"):
         r = srv.http.post("/v1/completions", content=f'{{"model": "a1", "prompt": "x", "temperature": {literal}}}',
                           headers={"content-type": "application/json"})

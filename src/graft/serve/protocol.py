@@ -53,18 +53,27 @@ class Limits:
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 
 
+MAX_DEPTH = 16  # JSON nesting a request may use (the deepest valid one, a chat content part, is 4)
+
+
 def _bad_text(value: Any) -> str | None:
-    """Why a string somewhere in ``value`` cannot be served, or ``None``."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return f"contains a lone surrogate ({value[err.start]!r} at position {err.start}) that is not valid Unicode"
-        return None
-    if isinstance(value, (list, tuple)):
-        return next((why for why in map(_bad_text, value) if why), None)
-    if isinstance(value, dict):
-        return next((why for why in map(_bad_text, [*value.keys(), *value.values()]) if why), None)
+    """Why ``value`` cannot be served (a lone surrogate in a string, or nesting past ``MAX_DEPTH``), or ``None``.
+
+    Iterative: a recursive walk would let a deeply nested body raise RecursionError (a 500).
+    """
+    todo = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return f"contains a lone surrogate ({item[err.start]!r} at position {err.start}) that is not valid Unicode"
+        elif isinstance(item, (list, dict)):
+            if depth >= MAX_DEPTH:
+                return f"is nested more than {MAX_DEPTH} levels deep"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            todo.extend((child, depth + 1) for child in children)
     return None
 
 
@@ -78,7 +87,7 @@ class _Body(BaseModel):
             for key, value in data.items():
                 why = _bad_text(value)
                 if why:
-                    raise PydanticCustomError("invalid_text", "{param}: " + why, {"param": str(key)})
+                    raise PydanticCustomError("invalid_text", why, {"param": str(key)})
         return data
 
 
@@ -116,7 +125,7 @@ class CompletionBody(_Common):
         if isinstance(value, str) or (isinstance(value, list) and (
                 all(isinstance(p, str) for p in value) or ids(value) or all(ids(p) for p in value))):
             return value
-        raise PydanticCustomError("prompt_form", "prompt must be a string, a list of strings, a list of token ids "
+        raise PydanticCustomError("prompt_form", "must be a string, a list of strings, a list of token ids "
                                   "(integers) or a list of such lists", {"param": "prompt"})
 
 
