@@ -108,8 +108,9 @@ def build(
 
 
 def default_kv_budget(device: Any) -> int | None:
-    """Half the memory free at start (``MemAvailable`` on the CPU, free device memory on CUDA), so
-    the cache can never push the process into swap; ``None`` where it cannot be read."""
+    """Half the memory free at start (``MemAvailable`` on the CPU, free device memory on CUDA): the
+    cache alone cannot take what the rest of the process (prefill activations, adapters) and the
+    machine need; ``None`` where it cannot be read."""
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
