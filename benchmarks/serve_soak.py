@@ -14,7 +14,7 @@ x completion / chat x streamed or not) is sent alone: its reply is the reference
 * hostile: a temperature of 1e-40 or 1e-300 (valid: answered, 200), NaN and x1e30 adapter loads,
   an adapter directory whose files link outside the root, a NUL byte in ``lora_path``, lone
   surrogates in prompts and chat messages, malformed JSON, huge prompts (token ids past the limit,
-  and bodies past the byte limit), prompt + max_tokens past the context, ``seed`` 2**70, a prompt of
+  and bodies past the byte limit), prompt + max_tokens past the per-request token budget, ``seed`` 2**70, a prompt of
   ``[true, false]``, ``text/plain`` bodies, a wrong API key, and abandoned connections (a
   400-token request closed after a moment, streamed or not);
 * valid: must equal its solo reference exactly (greedy, and seeded sampling);
@@ -110,7 +110,7 @@ def start_server(args, model_ref: str, root: Path, work: Path) -> tuple[subproce
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "graft", "serve", "--model", model_ref, "--host", "127.0.0.1", "--port", str(port),
            "--served-name", "base", "--adapter-root", str(root), "--api-key-file", str(work / "keys.txt"),
-           "--max-prompt-tokens", "256", "--max-tokens", "512", "--max-body-bytes", "65536",
+           "--max-prompt-tokens", "256", "--max-tokens", "512", "--max-request-tokens", "512", "--max-body-bytes", "65536",
            "--kv-cache-budget", args.kv_budget, "--shutdown-grace", "5"]
     for name in ADAPTERS:
         cmd += ["--adapter", f"{name}={root / name}"]
@@ -215,7 +215,7 @@ def send_hostile(http: httpx.Client, url: str, kind: str, root: Path, i: int) ->
     if kind == "huge_body":
         return post("/v1/completions", json={**plain, "prompt": "word " * 20000}).status_code, 413
     if kind == "over_context":
-        return post("/v1/completions", json={**plain, "max_tokens": 512, "prompt": list(range(300, 556))}).status_code, 400
+        return post("/v1/completions", json={**plain, "max_tokens": 300, "prompt": list(range(300, 556))}).status_code, 400
     if kind == "seed_2_70":
         return post("/v1/completions", json={**plain, "seed": 2**70}).status_code, 400
     if kind == "bool_prompt":
