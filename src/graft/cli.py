@@ -136,6 +136,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-request-tokens", type=int,
+                   help="most tokens one request may hold, prompt + max_tokens (default: the model's context)")
+    s.add_argument("--kv-cache-budget", default="auto",
+                   help="most memory the key/value cache may take, e.g. 2GB; requests that do not fit wait "
+                        "(auto: half the memory available at start; none: no limit)")
+    s.add_argument("--max-queue", type=int, default=1024, help="most requests waiting for admission (more get 429)")
+    s.add_argument("--max-adapter-weight", type=float, default=1e4,
+                   help="largest adapter weight magnitude admitted (0: any finite value); NaN/inf are always refused")
+    s.add_argument("--shutdown-grace", type=float, default=30,
+                   help="seconds in-flight requests may finish after SIGTERM/SIGINT; then they get an error reply")
+    s.add_argument("--expose-adapter-paths", action="store_true",
+                   help="show adapter directories in GET /v1/models (an admin option; hidden by default)")
 
     from graft.compose.library_cli import add_library_arguments
 
@@ -802,8 +814,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"--adapter {name} is given twice")
         adapters[name] = path
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
-    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
+    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, max_request_tokens=args.max_request_tokens)
+    kv_budget: str | int | None = args.kv_cache_budget.lower()
+    if kv_budget == "none":
+        kv_budget = None
+    elif kv_budget != "auto":
+        from graft.plan import parse_memory
+
+        try:
+            kv_budget = parse_memory(args.kv_cache_budget)
+        except ValueError as err:
+            raise CliError(f"--kv-cache-budget: {err}") from None
     serve(args.model, host=args.host, port=args.port, adapters=adapters, adapter_roots=args.adapter_root,
           max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
-          device=args.device, served_name=args.served_name, adapter_dtype=args.adapter_dtype)
+          device=args.device, served_name=args.served_name, adapter_dtype=args.adapter_dtype,
+          shutdown_grace=args.shutdown_grace, kv_budget=kv_budget, max_waiting=args.max_queue,
+          max_weight_abs=args.max_adapter_weight or None, expose_paths=args.expose_adapter_paths)
     return 0

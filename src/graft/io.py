@@ -294,17 +294,36 @@ def load(
     """
     path = _local_or_hub(path)
     config = read_config(path)
+    return load_tensors(model, config, read_tensors(path), name, trainable=trainable, activate=activate,
+                        resume=lambda: read_resume_tensors(path), source=path)
+
+
+def load_tensors(
+    model: nn.Module,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    name: str = "default",
+    *,
+    trainable: bool = False,
+    activate: bool = True,
+    resume: Any = dict,
+    source: str | os.PathLike = "<tensors>",
+) -> nn.Module:
+    """:func:`load` from a config and tensors already read (a server reads them through checked descriptors).
+
+    ``resume`` is called for the resume tensors when the method asks for them (default: none);
+    ``source`` names where they came from in errors.
+    """
     method = method_for_peft_type(config["peft_type"]).from_peft(config)
-    tensors = read_tensors(path)
     try:
         attach(model, method, name, activate=activate)
     except ValueError:  # e.g. its targets match no module: first, is this the adapter of another model?
-        _check_modules(model, path, config, tensors)
+        _check_modules(model, source, config, tensors)
         raise
     try:
         prepare = getattr(method, "prepare_load", None)
         if prepare is not None:  # the method picks what it fills from the PEFT and resume tensors
-            tensors = prepare(model, name, tensors, read_resume_tensors(path))
+            tensors = prepare(model, name, tensors, resume())
         _fill(model, name, tensors)
     except Exception:
         detach(model, name)

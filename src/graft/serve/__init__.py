@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from graft.data import promptformat
-from graft.serve.app import Limits, create_app
-from graft.serve.engine import Engine, EngineClosed, Event, Result, Sampling
+from graft.serve.app import create_app
+from graft.serve.engine import Engine, EngineBusy, EngineClosed, Event, Result, Sampling
+from graft.serve.protocol import Limits
 from graft.serve.registry import AdapterError, AdapterRegistry
 
 __all__ = [
-    "AdapterError", "AdapterRegistry", "Engine", "EngineClosed", "Event", "Limits", "Result", "Sampling",
-    "build", "create_app", "read_api_keys", "serve",
+    "AdapterError", "AdapterRegistry", "Engine", "EngineBusy", "EngineClosed", "Event", "Limits",
+    "Result", "Sampling", "build", "create_app", "default_kv_budget", "read_api_keys", "serve",
 ]
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -50,6 +51,10 @@ def build(
     served_name: str | None = None,
     adapter_dtype: str = "auto",
     device: str = "auto",
+    kv_budget: int | str | None = "auto",
+    max_weight_abs: float | None = 1e4,
+    max_waiting: int = 1024,
+    expose_paths: bool = False,
 ) -> tuple[Any, Engine]:
     """The app and its (started) engine, for embedding in your own ASGI server or tests.
 
@@ -67,6 +72,11 @@ def build(
         adapter_dtype: The dtype adapters are served in: ``auto`` (the base model's floating
             dtype: bf16 adapters on a bf16 base), or ``fp32``, ``bf16``, ``fp16``.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` when ``model`` is a name.
+        kv_budget: Most bytes of key/value cache (a size like ``"2GB"``, bytes, ``"auto"``: half the
+            memory available at start, see :func:`default_kv_budget`; ``None``: no limit).
+        max_weight_abs: Largest adapter weight magnitude admitted (``None``: any finite value).
+        max_waiting: Most requests queued for admission (more get a 429).
+        expose_paths: Show adapter paths in ``GET /v1/models`` (an admin option).
     """
     from graft import models
 
@@ -84,8 +94,16 @@ def build(
         if tokenizer is None:
             raise ValueError("pass the tokenizer with a loaded model")
         name = served_name or getattr(model.config, "_name_or_path", None) or "base"
-    registry = AdapterRegistry(model, name, list(adapter_roots), max_loaded, _adapter_dtype(model, adapter_dtype))
-    engine = Engine(model, tokenizer, registry=registry, max_batch=max_batch)
+    registry = AdapterRegistry(model, name, list(adapter_roots), max_loaded, _adapter_dtype(model, adapter_dtype),
+                               max_weight_abs=max_weight_abs)
+    if kv_budget == "auto":
+        kv_budget = default_kv_budget(next(model.parameters()).device)
+    elif isinstance(kv_budget, str):
+        from graft.plan import parse_memory
+
+        kv_budget = parse_memory(kv_budget)
+    engine = Engine(model, tokenizer, registry=registry, max_batch=max_batch, kv_budget_bytes=kv_budget,
+                    max_waiting=max_waiting)
     for adapter, path in (adapters or {}).items():
         registry.register(adapter, path, trusted=True)
         fmt = promptformat.read(path)
@@ -96,7 +114,23 @@ def build(
             registry.acquire(adapter)  # the engine thread is not running yet: attach here
             registry.release(adapter)
     engine.start()
-    return create_app(engine, registry, api_keys=list(api_keys or []), limits=limits), engine
+    return create_app(engine, registry, api_keys=list(api_keys or []), limits=limits, expose_paths=expose_paths), engine
+
+
+def default_kv_budget(device: Any) -> int | None:
+    """Half the memory free at start (``MemAvailable`` on the CPU, free device memory on CUDA): the
+    cache alone cannot take what the rest of the process (prefill activations, adapters) and the
+    machine need; ``None`` where it cannot be read."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.5)
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return available // 2
 
 
 def _adapter_dtype(model: Any, choice: str) -> Any:
@@ -111,16 +145,24 @@ def _adapter_dtype(model: Any, choice: str) -> Any:
     return None
 
 
-def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, graceful_s: int = 30, **kwargs: Any) -> None:
-    """Build the server and run it with uvicorn until interrupted (SIGINT/SIGTERM finish in-flight requests)."""
+def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, shutdown_grace: float = 30, **kwargs: Any) -> None:
+    """Build the server and run it with uvicorn until interrupted.
+
+    SIGINT/SIGTERM: stop accepting, let in-flight requests finish for ``shutdown_grace`` seconds,
+    then end the rest with an error the client can read (see :class:`graft.serve.lifecycle.DrainingServer`).
+    """
     import signal
     import threading
 
     import uvicorn
 
+    from graft.serve.lifecycle import DrainingServer
+
+    if shutdown_grace < 0:
+        raise ValueError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
     app, engine = build(model, **kwargs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful_s, log_level="info"))
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info"), engine, shutdown_grace)
 
     def stop(signum: int, frame: Any) -> None:
         # uvicorn takes SIGINT/SIGTERM while it runs (in-flight requests finish), then raises the signal again

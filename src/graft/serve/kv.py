@@ -14,11 +14,53 @@ given explicit ``position_ids`` and a 4D mask, which is all this class provides.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 HEADROOM = 128  # columns allocated beyond the current need, so relayouts stay rare
+
+
+def token_bytes(config: Any, dtype: torch.dtype) -> int | None:
+    """Bytes one token's keys and values take over all layers, or ``None`` when the config does not say."""
+    config = getattr(config, "text_config", None) or config
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class KVBudget:
+    """How much key/value cache the batch may grow to, counted for every row as if it ran to its end.
+
+    The cache is one rectangle per layer: its rows grow by doubling (up to ``max_rows``), its
+    columns reach the longest row's span (prompt + max tokens) plus ``HEADROOM``.
+    """
+
+    limit_bytes: int | None  # None: no limit
+    token_bytes: int | None  # one token's keys and values over all layers (None: unknown, no limit)
+    max_rows: int
+    max_context: int
+
+    def __post_init__(self) -> None:
+        if self.limit_bytes is not None and self.limit_bytes < 1:
+            raise ValueError(f"the KV-cache budget must be >= 1 byte (or None: no limit), got {self.limit_bytes}")
+
+    def bytes_for(self, spans: Sequence[int]) -> int:
+        """Bytes the batch cache can grow to holding rows that fill ``spans`` columns each."""
+        if not spans or self.token_bytes is None:
+            return 0
+        rows = max(len(spans), min(self.max_rows, 2 * len(spans)))
+        return rows * (min(max(spans), self.max_context) + HEADROOM) * self.token_bytes
+
+    def fits(self, spans: Sequence[int]) -> bool:
+        return self.limit_bytes is None or self.bytes_for(spans) <= self.limit_bytes
 
 
 class BatchKV:
@@ -92,9 +134,16 @@ class BatchKV:
             buf_v[row, :, start : self.t] = v[0]
         self.starts.append(start)
 
-    def remove(self, row: int) -> None:
-        """Drop a row: the last row moves into its place (callers mirror the move in their own lists)."""
+    def remove(self, row: int, scrub: bool = False) -> None:
+        """Drop a row: the last row moves into its place (callers mirror the move in their own lists).
+
+        ``scrub`` zeroes the dropped row's slot first: its states may hold NaN or inf, and masked
+        positions still enter attention as ``0 * value`` (NaN for a NaN value) for the next row there.
+        """
         last = self.rows - 1
+        if scrub:
+            for buf in (*self.keys, *self.values):
+                buf[row].zero_()
         if row != last:
             lo = self.starts[last]
             for buf in (*self.keys, *self.values):

@@ -3,7 +3,9 @@
 Adapters are known by name (the ``model`` field of a request) and path. At most ``max_loaded``
 are attached to the model at once; a request for a known adapter that is not in memory loads it
 from disk, evicting the least recently used one that no running request holds. Paths given over
-HTTP must resolve (symlinks followed) inside one of the configured roots.
+HTTP must resolve inside one of the configured roots, and so must every file read from them: each
+file is opened once and the opened file itself is checked (``paths.py``). Every load (also a
+reload after eviction) checks that the weights are finite and of a sane magnitude.
 
 Every method that changes the model runs on the engine thread (see ``Engine.call``); the name
 table itself is guarded by a lock so request handlers can check names without waiting a step.
@@ -12,7 +14,6 @@ table itself is guarded by a lock so request handlers can check names without wa
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -23,8 +24,9 @@ from torch import nn
 
 from graft import core, io
 from graft.methods.lora import REWRITES_BASE
+from graft.serve.paths import PathRefused, check_text, inside, read_adapter_files, read_config
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:/-]{0,127}$")  # no ".": module dict keys cannot hold one
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_:/-]{0,127}")  # no ".": module dict keys cannot hold one
 SERVABLE = {"LORA", "IA3"}  # methods whose layers route each batch row to its own adapter
 
 
@@ -36,8 +38,25 @@ class AdapterError(ValueError):
         self.status, self.code = status, code
 
 
-def _check_leaves_base_alone(name: str, path: str | Path) -> None:
-    config = io.read_config(path)
+def check_weights(name: str, tensors: dict[str, torch.Tensor], max_abs: float | None) -> None:
+    """Refuse an adapter whose tensors hold NaN or inf, or values beyond ``max_abs`` (``None``: finite is enough).
+
+    One such adapter would not only answer its own requests with garbage: its overflowing rows
+    share every decoding step with other clients' requests.
+    """
+    for key, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} holds non-finite values (NaN or inf)", code="invalid_weights")
+        if max_abs is not None and tensor.numel():
+            largest = float(tensor.abs().max())
+            if largest > max_abs:
+                raise AdapterError(f"adapter {name!r}: tensor {key!r} holds a value of magnitude {largest:.3g}, above "
+                                   f"the server's limit {max_abs:g} (--max-adapter-weight)", code="invalid_weights")
+
+
+def _check_leaves_base_alone(name: str, config: dict) -> None:
     init = getattr(core.method_for_peft_type(config["peft_type"]).from_peft(config), "init", "default")
     # on a base every adapter shares, rewriting it would change every other adapter's and the base's outputs
     if init in REWRITES_BASE:
@@ -59,6 +78,8 @@ class AdapterRegistry:
         adapter_dtype: Cast each adapter's tensors to this dtype when it is loaded (``None``: keep
             the dtype it loads in, fp32). A bf16 base serves fastest with bf16 adapters: the LoRA
             matmuls then run in bf16 too, with no casts of the activations in and out.
+        max_weight_abs: Largest magnitude an adapter weight may have (``None``: any finite value).
+        max_adapter_bytes: Largest ``adapter_model.safetensors`` read.
     """
 
     def __init__(
@@ -68,15 +89,22 @@ class AdapterRegistry:
         roots: list[str | Path] = (),
         max_loaded: int | None = None,
         adapter_dtype: torch.dtype | None = None,
+        max_weight_abs: float | None = 1e4,
+        max_adapter_bytes: int = 4 << 30,
     ) -> None:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        if max_weight_abs is not None and not max_weight_abs > 0:
+            raise ValueError(f"max_weight_abs must be > 0 (or None: no limit), got {max_weight_abs}")
         self.model = model
         self.base_name = base_name
         self.roots = [Path(r).resolve() for r in roots]
         self.max_loaded = max_loaded
         self.adapter_dtype = adapter_dtype
+        self.max_weight_abs = max_weight_abs
+        self.max_adapter_bytes = max_adapter_bytes
         self.paths: dict[str, Path] = {}
+        self._trusted: set[str] = set()  # names given on the command line: read without the roots check
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._refs: Counter[str] = Counter()
         self._doomed: set[str] = set()  # unregistered while in use: detach on release
@@ -94,7 +122,7 @@ class AdapterRegistry:
 
     def register(self, name: str, path: str | Path, *, trusted: bool = False) -> Path:
         """Add a name -> path entry after checking both; ``trusted`` paths (the command line) skip the roots check."""
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise AdapterError(f"bad adapter name {name!r}: use 1-128 letters, digits and _ : / -, starting with a letter or digit")
         if name == self.base_name:
             raise AdapterError(f"{name!r} is the base model's name; choose another adapter name")
@@ -106,6 +134,8 @@ class AdapterRegistry:
                 raise AdapterError(f"adapter {name!r} was unloaded and still finishes running requests; retry shortly",
                                    status=409, code="adapter_busy")
             self.paths[name] = resolved
+            if trusted:
+                self._trusted.add(name)
         return resolved
 
     def unregister(self, name: str) -> None:
@@ -114,6 +144,7 @@ class AdapterRegistry:
             if name not in self.paths:
                 raise AdapterError(f"no adapter named {name!r}", status=404, code="model_not_found")
             del self.paths[name]
+            self._trusted.discard(name)
             loaded_idle = name in self._loaded and not self._refs[name]
             if name in self._loaded and not loaded_idle:
                 self._doomed.add(name)
@@ -129,6 +160,7 @@ class AdapterRegistry:
         except Exception as err:
             with self._lock:
                 self.paths.pop(name, None)
+                self._trusted.discard(name)
             if isinstance(err, AdapterError):
                 raise
             raise AdapterError(f"cannot load adapter {name!r} onto this model: {err}") from err
@@ -141,11 +173,17 @@ class AdapterRegistry:
                 raise AdapterError(f"no adapter named {name!r}", status=404, code="model_not_found")
             path = self.paths[name]
             loaded = name in self._loaded
+            roots = None if name in self._trusted else self.roots
         if not loaded:
-            _check_leaves_base_alone(name, path)
+            try:  # read again at every load: the files may have changed since the name was registered
+                config, tensors = read_adapter_files(path, roots, str(path), self.max_adapter_bytes)
+            except PathRefused as err:
+                raise AdapterError(str(err), err.status, err.code) from None
+            _check_leaves_base_alone(name, config)
+            check_weights(name, tensors, self.max_weight_abs)
             self._make_room()
             try:
-                io.load(self.model, path, name=name, activate=False)
+                io.load_tensors(self.model, config, tensors, name=name, activate=False)
                 if self.adapter_dtype is not None:
                     for p in core.adapter_parameters(self.model, name).values():
                         p.data = p.data.to(self.adapter_dtype)
@@ -196,17 +234,21 @@ class AdapterRegistry:
         release_memory()
 
     def _check_path(self, path: str | Path, trusted: bool) -> Path:
-        resolved = Path(path).expanduser().resolve()
-        if not trusted and not any(resolved == root or root in resolved.parents for root in self.roots):
+        """The resolved adapter directory; over HTTP it must lie inside a root (its files are checked when read)."""
+        try:
+            check_text(str(path), "the adapter path")
+        except PathRefused as err:
+            raise AdapterError(str(err), err.status, err.code) from None
+        resolved = Path(path).expanduser().resolve() if trusted else Path(path).resolve()
+        if not trusted and not inside(resolved, self.roots):
             allowed = ", ".join(str(r) for r in self.roots) or "none configured (start the server with --adapter-root)"
             raise AdapterError(f"adapter path {str(path)!r} is outside the adapter roots; allowed roots: {allowed}", status=403, code="path_not_allowed")
-        config = resolved / "adapter_config.json"
-        if not config.is_file() or not (resolved / "adapter_model.safetensors").is_file():
+        if not resolved.is_dir():
             raise AdapterError(f"{str(path)!r} is not an adapter directory (needs adapter_config.json and adapter_model.safetensors)", status=404, code="adapter_not_found")
         try:
-            peft_type = json.loads(config.read_text()).get("peft_type", "LORA")
-        except (ValueError, OSError) as err:
-            raise AdapterError(f"cannot read {config}: {err}") from err
+            peft_type = read_config(resolved, None if trusted else self.roots, str(path)).get("peft_type", "LORA")
+        except PathRefused as err:
+            raise AdapterError(str(err), err.status, err.code) from None
         if peft_type not in SERVABLE:
             raise AdapterError(f"{peft_type} adapters cannot be served batched; servable: {sorted(SERVABLE)}")
         return resolved
