@@ -8,7 +8,8 @@ benchmarks render them (``tasks.messages`` + the chat template), so their length
 Printed: the whole search (target: under 2 minutes on the 2-core CPU), its setup, the time per
 evaluation (mean and median; an evaluation = writing w into the composed factors + one forward of
 the 5 examples + the optimizer's ask/tell), and the median of repeated forwards of the same batch
-with (i) the adapters disabled (the plain base model), (ii) one ordinary LoRA of the same shape.
+with the adapters disabled (the plain base model), alternating with evaluations so that both see
+the same machine load (the median of the paired ratios is the figure to read on a busy machine).
 
 Usage:
     .venv/bin/python benchmarks/lorahub_speed.py
@@ -22,6 +23,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from statistics import median
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,13 +95,6 @@ def main() -> None:
         f"form={args.form}, {rows} examples of {args.task} ({batch.tokens} tokens, padded width {width}, "
         f"loss on the last {batch.keep - 1} positions), torch threads {args.threads}")
 
-    with graft.disabled(model):
-        plain, plain_cpu = median_time(lambda: example_loss(model, batch), args.repeats)
-    say(f"plain forward: {plain * 1000:.0f} ms wall, {plain_cpu * 1000:.0f} ms CPU (load {load()})")
-    graft.activate(model, names[0])
-    one_lora, one_lora_cpu = median_time(lambda: example_loss(model, batch), args.repeats)
-    say(f"one LoRA: {one_lora * 1000:.0f} ms wall, {one_lora_cpu * 1000:.0f} ms CPU (load {load()})")
-
     c0 = time.process_time()
     result = graft.lorahub(model, tok, names, pairs, budget=args.budget, form=args.form, seed=0)
     cpu_total = time.process_time() - c0
@@ -109,6 +104,8 @@ def main() -> None:
     mean_eval, median_eval = statistics.mean(per_eval), statistics.median(per_eval)
     total = result.setup_seconds + result.search_seconds
 
+    say(f"search done (load average {load()}); now {args.repeats} interleaved pairs: plain forward, evaluation")
+    plain, plain_cpu, ev, ev_cpu = paired(model, batch, result, args.repeats)
     say(f"(load average at the end {load()})")
     say("")
     say("| what | wall | CPU (process) |")
@@ -117,15 +114,42 @@ def main() -> None:
     say(f"| setup (tokenise, stack the {args.loras} adapters' factors) | {result.setup_seconds * 1000:.0f} ms | |")
     say(f"| per evaluation, mean / median | {mean_eval * 1000:.0f} / {median_eval * 1000:.0f} ms | "
         f"{cpu_eval * 1000:.0f} ms (mean) |")
-    say(f"| plain forward of the {rows} examples (adapters disabled), median of {args.repeats} | "
-        f"{plain * 1000:.0f} ms | {plain_cpu * 1000:.0f} ms |")
-    say(f"| forward with one ordinary LoRA, median of {args.repeats} | {one_lora * 1000:.0f} ms | "
-        f"{one_lora_cpu * 1000:.0f} ms |")
-    say(f"| evaluation / plain forward | {median_eval / plain:.2f}x (medians) | {cpu_eval / plain_cpu:.2f}x |")
+    say(f"| interleaved: plain forward of the {rows} examples (adapters disabled), median of {args.repeats} | "
+        f"{median(plain) * 1000:.0f} ms | {median(plain_cpu) * 1000:.0f} ms |")
+    say(f"| interleaved: evaluation (write w into the factors + forward), median of {args.repeats} | "
+        f"{median(ev) * 1000:.0f} ms | {median(ev_cpu) * 1000:.0f} ms |")
+    say(f"| evaluation / plain forward, median of the {args.repeats} paired ratios | "
+        f"{median([e / p for e, p in zip(ev, plain)]):.2f}x | {median([e / p for e, p in zip(ev_cpu, plain_cpu)]):.2f}x |")
     say("")
     say(f"loss at w=0 {result.start_loss:.4f}, at the weights found {result.loss:.4f}; "
         f"target (< 120 s wall) {'met' if total < 120 else 'MISSED'}; CPU seconds / {args.threads} threads = "
         f"{cpu_total / args.threads:.1f} s (the wall time an idle {args.threads}-core machine would take)")
+
+
+def paired(model, batch, result, repeats: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Wall and CPU seconds of plain forwards and of evaluations, alternating so both see the same load.
+
+    An evaluation here is what one step of the search does: a new w written into the composed adapter's
+    factors (``_Swap.write``, rebuilt on the adapter the search left) and the forward with it.
+    """
+    from graft.compose.lorahub import _Swap
+
+    swap = _Swap(model, result.name, list(result.adapters), "factors")
+    w = torch.tensor(result.weights, dtype=torch.float32)
+    out: tuple[list[float], ...] = ([], [], [], [])
+    graft.activate(model, result.name)
+    for i in range(repeats + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        with graft.disabled(model):
+            example_loss(model, batch)
+        t1, c1 = time.perf_counter(), time.process_time()
+        swap.write(w * (1 + 0.01 * i))
+        example_loss(model, batch)
+        t2, c2 = time.perf_counter(), time.process_time()
+        if i:  # the first pair warms up
+            for seq, value in zip(out, (t1 - t0, c1 - c0, t2 - t1, c2 - c1)):
+                seq.append(value)
+    return out
 
 
 def load() -> str:

@@ -99,7 +99,7 @@ def test_search_lowers_the_loss_and_finds_the_right_adapter(hub, tokenizer):
 @pytest.mark.parametrize(("form", "method"), [("factors", "lorahub"), ("cat", "cat")])
 def test_swapped_factors_equal_combine(hub, tokenizer, form, method, tmp_path):
     names = ["noise0", "right", "noise1"]
-    result = graft.lorahub(hub, tokenizer, names, EXAMPLES, name="found", form=form, budget=12, seed=1)
+    result = graft.lorahub(hub, tokenizer, names, EXAMPLES, name="found", form=form, budget=6, seed=1)
     try:
         graft.combine(hub, dict(zip(names, result.weights)), method=method, name="same")
         ids = example_batch(tokenizer, EXAMPLES).input_ids
@@ -127,7 +127,7 @@ def test_seeded_runs_reproduce(hub, tokenizer):
     # NGOpt picks a deterministic optimizer at this budget; RandomSearch shows the seed reaches nevergrad.
     for name, seed, optimizer in (("s1", 3, "NGOpt"), ("s2", 3, "NGOpt"), ("r1", 3, "RandomSearch"),
                                   ("r2", 3, "RandomSearch"), ("r3", 4, "RandomSearch")):
-        runs.append(graft.lorahub(hub, tokenizer, names, EXAMPLES, name=name, budget=5, seed=seed,
+        runs.append(graft.lorahub(hub, tokenizer, names, EXAMPLES, name=name, budget=3, seed=seed,
                                   optimizer=optimizer, activate=False))
     try:
         assert runs[0].weights == runs[1].weights and runs[0].trace == runs[1].trace

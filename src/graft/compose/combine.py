@@ -306,10 +306,8 @@ def combine_state_dicts(
             diff = sorted(set(sd) ^ set(keys))[:3]
             raise ValueError(f"state dict {i} does not hold the same tensors as state dict 0 (e.g. {diff}): "
                              "adapters of different methods or targets cannot be combined")
-        for k in keys:
-            if k in sd and sd[k].shape != state_dicts[0][k].shape and not k.endswith(("lora_A.weight", "lora_B.weight",
-                                                                                       "lora_embedding_A",
-                                                                                       "lora_embedding_B")):
+        for k in keys:  # LoRA factors may differ in rank; their other dimension is checked per module below
+            if k.endswith(".ia3_l") and sd[k].shape != state_dicts[0][k].shape:
                 raise ValueError(f"{k}: shape {tuple(sd[k].shape)} in state dict {i} but "
                                  f"{tuple(state_dicts[0][k].shape)} in state dict 0: different base models")
     modules = _modules_of(state_dicts[0])
