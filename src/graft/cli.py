@@ -300,7 +300,9 @@ def describe(path: str) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = describe(args.path)
+    from graft.compose import t2l
+
+    info = t2l.describe(args.path) if t2l.is_hypernet(args.path) else describe(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -47,7 +47,7 @@ from graft import targets as tg
 from graft.io import PREFIX, atomic_dir_write
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HypernetError", "Layout", "T2LConfig", "TextToLoRA", "describe",
-           "is_hypernet", "text_to_lora"]
+           "is_hypernet", "read_library", "text_to_lora"]
 
 CONFIG_NAME = "t2l_config.json"
 WEIGHTS_NAME = "t2l_model.safetensors"
@@ -445,16 +445,16 @@ class TextToLoRA(nn.Module):
     # ---- files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``t2l_config.json`` and ``t2l_model.safetensors`` into ``path`` atomically."""
+        atomic_dir_write(Path(path), self.write_files)
+        return Path(path)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the two files into an existing directory (the caller makes it atomic)."""
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
         doc = {"format": FORMAT_VERSION, "kind": "graft-text-to-lora", "config": asdict(self.config),
                "layout": asdict(self.layout)}
-
-        def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=1) + "\n")
-
-        atomic_dir_write(Path(path), write)
-        return Path(path)
+        save_file(tensors, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(doc, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, embedder: Embedder | None = None,
@@ -535,6 +535,32 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "trained": trained,
         "bytes": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
     }
+
+
+def read_library(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The entries of an adapter library's ``manifest.json`` (a list, or ``{"adapters": [...]}``).
+
+    Each entry has ``name``, ``path`` (relative to the manifest's directory, made absolute here) and
+    ``description``; other keys (``task``, ``alt_descriptions``, scores...) are kept.
+    """
+    path = Path(path)
+    manifest = path / "manifest.json" if path.is_dir() else path
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no adapter library at {str(path)!r} (expected a manifest.json)")
+    try:
+        doc = json.loads(manifest.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest} is not valid JSON: {e}") from None
+    entries = doc.get("adapters", doc.get("entries")) if isinstance(doc, dict) else doc
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{manifest} lists no adapters (a list of {{name, path, description}} entries)")
+    out = []
+    for i, entry in enumerate(entries):
+        missing = [k for k in ("name", "path", "description") if not isinstance(entry.get(k) if isinstance(entry, dict) else None, str)]
+        if missing:
+            raise ValueError(f"{manifest}: entry {i} lacks {', '.join(missing)} (strings)")
+        out.append({**entry, "path": str((manifest.parent / entry["path"]).resolve())})
+    return out
 
 
 _EMBEDDERS: dict[str, Embedder] = {}
