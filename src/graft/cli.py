@@ -22,6 +22,7 @@ EXAMPLES = {
             "  graft plan --model smollm2-135m --memory 8GB --dtype fp32 --device cpu --plot plan.png",
     "serve": "graft serve --model smollm2-135m --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter "
              "--port 8000 --api-key-file keys.txt --adapter-root runs",
+    "t2l": "",  # filled from graft.compose.t2l_cli below
 }
 
 
@@ -38,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     add_train_arguments(verb("train", "Fine-tune a model on a data file (LoRA and friends, or full)."))
+
+    from graft.compose import t2l_cli
+
+    EXAMPLES["t2l"] = t2l_cli.EXAMPLE
+    t2l_cli.add_arguments(verb("t2l", "Text-to-LoRA: train a hypernetwork that writes LoRAs from task descriptions, "
+                                      "or generate one."))
 
     g = verb("generate", "Generate text with a model and an optional adapter (chat template applied).")
     g.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
@@ -70,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = verb("serve", "Serve one base model and many adapters over an OpenAI-compatible HTTP API "
                       "(the request's model field picks the adapter).")
-    s.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    s.add_argument("--model", help="built-in name, transformers dir or .gguf file (not with --engine vllm)")
     s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve; repeat")
     s.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
                    help="a directory POST /v1/load_lora_adapter may load from; repeat (none: loading over HTTP is refused)")
@@ -86,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--hypernet", help="a Text-to-LoRA hypernetwork: POST /v1/generate_lora_adapter {lora_name, "
+                                       "description} makes and serves an adapter")
+    s.add_argument("--library", help="an adapter library (manifest.json): its adapters are served by name, and POST "
+                                      "/v1/pick_lora_adapter {description} loads the nearest")
+    s.add_argument("--adapter-cache", help="where generated adapters are written (default: a temporary directory; "
+                                            "with --engine vllm, a directory the vLLM server can read)")
+    s.add_argument("--engine", choices=["graft", "vllm"], default="graft",
+                   help="vllm: front a vLLM server (--vllm-url): adapters are generated or picked here, loaded there")
+    s.add_argument("--vllm-url", help="the vLLM server's base URL (with --engine vllm)")
+    s.add_argument("--vllm-api-key-file", help="file whose first key is sent to the vLLM server")
     return p
 
 
@@ -93,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve}[args.verb](args)
+                "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "t2l": cmd_t2l}[args.verb](args)
     except (CliError, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"graft {args.verb}: error: {msg}", file=sys.stderr)
@@ -493,6 +510,12 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def cmd_t2l(args: argparse.Namespace) -> int:
+    from graft.compose import t2l_cli
+
+    return t2l_cli.run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from graft.serve import Limits, read_api_keys, serve
 
@@ -505,8 +528,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"--adapter {name} is given twice")
         adapters[name] = path
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    if args.engine == "vllm":
+        from graft.serve.dispatch import Dispatcher, serve_vllm
+
+        if not args.vllm_url or not (args.hypernet or args.library):
+            raise CliError("--engine vllm needs --vllm-url and --hypernet and/or --library")
+        upstream_key = read_api_keys(args.vllm_api_key_file)[0] if args.vllm_api_key_file else None
+        serve_vllm(Dispatcher(args.hypernet, args.library, args.adapter_cache), args.vllm_url, host=args.host,
+                   port=args.port, api_keys=keys or (), vllm_api_key=upstream_key, max_body_bytes=args.max_body_bytes)
+        return 0
+    if not args.model:
+        raise CliError("--model is required (the base model to serve)")
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
     serve(args.model, host=args.host, port=args.port, adapters=adapters, adapter_roots=args.adapter_root,
           max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
-          served_name=args.served_name, adapter_dtype=args.adapter_dtype)
+          served_name=args.served_name, adapter_dtype=args.adapter_dtype, hypernet=args.hypernet, library=args.library,
+          cache_dir=args.adapter_cache)
     return 0

@@ -47,6 +47,9 @@ def build(
     dtype: str = "fp32",
     served_name: str | None = None,
     adapter_dtype: str = "auto",
+    hypernet: Any = None,
+    library: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Engine]:
     """The app and its (started) engine, for embedding in your own ASGI server or tests.
 
@@ -62,6 +65,11 @@ def build(
         served_name: The ``model`` name of the base (default: the name or path given).
         adapter_dtype: The dtype adapters are served in: ``auto`` (the base model's floating
             dtype: bf16 adapters on a bf16 base), or ``fp32``, ``bf16``, ``fp16``.
+        hypernet: A Text-to-LoRA hypernetwork (or its directory): ``POST /v1/generate_lora_adapter``
+            makes an adapter from a description (:mod:`graft.serve.dispatch`).
+        library: An adapter library (``manifest.json``): its adapters are served by name, and
+            ``POST /v1/pick_lora_adapter`` loads the one nearest to a description.
+        cache_dir: Where generated adapters are written (default: a temporary directory).
     """
     import torch
 
@@ -85,8 +93,24 @@ def build(
         if max_loaded is None or len(registry.loaded()) < max_loaded:
             registry.acquire(adapter)  # the engine thread is not running yet: attach here
             registry.release(adapter)
+    dispatcher = None
+    if hypernet is not None or library is not None:
+        from graft.serve.dispatch import Dispatcher
+
+        if hypernet is not None and not hasattr(hypernet, "generate_one"):
+            from graft.compose.t2l import TextToLoRA
+
+            hypernet = TextToLoRA.load(hypernet, model=model)  # refuses a hypernetwork for another base
+        elif hypernet is not None:
+            hypernet.layout.check(model)
+        dispatcher = Dispatcher(hypernet, library, cache_dir)
     engine.start()
-    return create_app(engine, registry, api_keys=list(api_keys or []), limits=limits), engine
+    app = create_app(engine, registry, api_keys=list(api_keys or []), limits=limits)
+    if dispatcher is not None:
+        from graft.serve.dispatch import install
+
+        install(app, dispatcher)
+    return app, engine
 
 
 def _adapter_dtype(model: Any, choice: str) -> Any:
@@ -124,6 +148,8 @@ def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, gracef
         server.run()
     finally:
         engine.shutdown()
+        if getattr(app.state, "dispatcher", None) is not None:
+            app.state.dispatcher.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:

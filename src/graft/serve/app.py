@@ -174,6 +174,7 @@ def create_app(
             raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     guarded = [Depends(authorised)]
+    app.state.authorised = authorised  # for endpoints added by graft.serve.dispatch
 
     @app.get("/health")
     async def health() -> dict[str, str]:
