@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from graft.compose.t2l import HypernetError, TextToLoRA, read_library
@@ -132,8 +134,6 @@ class Dispatcher:
 
 def install(app: Any, dispatcher: Dispatcher) -> None:
     """Add the generate and pick endpoints to a graft server's app (see :func:`graft.serve.build`)."""
-    from fastapi import Depends
-
     engine, registry = app.state.engine, app.state.registry
     app.state.dispatcher = dispatcher
     guarded = [Depends(app.state.authorised)]
@@ -183,8 +183,6 @@ def vllm_app(dispatcher: Dispatcher, vllm_url: str, *, api_keys: Sequence[str] =
     import hmac
 
     import httpx
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     from graft.serve.app import error_response
 
