@@ -1,6 +1,7 @@
 """graft: parameter-efficient adaptation of pretrained transformers."""
 
 from graft import decode
+from graft.compose.t2l import T2LConfig, TextToLoRA, text_to_lora
 from graft.core import (
     Average,
     Parallel,
@@ -49,6 +50,8 @@ __all__ = [
     "ReLoRA",
     "Report",
     "Stack",
+    "T2LConfig",
+    "TextToLoRA",
     "activate",
     "active_adapters",
     "attach",
@@ -64,6 +67,7 @@ __all__ = [
     "report",
     "route",
     "save",
+    "text_to_lora",
     "unload",
     "unmerge",
 ]
