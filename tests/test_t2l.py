@@ -252,3 +252,24 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
         TextToLoRA.load(tmp_path / "net")
     assert graft.core.STATE_ATTR not in vars(model) or not graft.core.state_of(model).methods
     torch.testing.assert_close(logits(model, x), base, atol=0, rtol=0)
+
+
+def test_cli_generate_writes_a_peft_adapter_from_the_bundled_embedder(tmp_path, capsys):
+    """`graft t2l generate` with the real all-MiniLM-L6-v2 embedder (384-d, mean-pooled)."""
+    peft = pytest.importorskip("peft")
+    from graft.cli import main
+
+    model = tiny_llama()
+    net = TextToLoRA.for_model(model, T2LConfig(latent=16, head_in=32))
+    assert net.layout.embed_dim == 384
+    net.save(tmp_path / "net")
+    assert main(["t2l", "generate", "--hypernet", str(tmp_path / "net"), "--description", DESC,
+                 "--out", str(tmp_path / "es")]) == 0
+    assert "generated a rank-8 LoRA on 4 modules" in capsys.readouterr().out
+    x = batch_for("llama")
+    text_to_lora(model, net, DESC)
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "es")), x),
+                               logits(model, x), atol=1e-5, rtol=0)
+    assert main(["t2l", "generate", "--hypernet", str(tmp_path / "net"), "--description", " ",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "non-empty" in capsys.readouterr().err and not (tmp_path / "bad").exists()
