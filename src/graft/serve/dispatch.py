@@ -85,6 +85,8 @@ class Dispatcher:
 
                 embedder = _embedder("minilm")
         self.embed = embedder
+        if self.hypernet is not None:
+            self.hypernet.generate_one("warm-up")  # load the sentence encoder now, not in the first request
         self._library_vectors = (torch.nn.functional.normalize(embedder([e["description"] for e in self.library]).float(), dim=-1)
                                  if self.library else None)
 
