@@ -108,14 +108,26 @@ def main() -> int:
     p.add_argument("--unseen-rows", type=int, default=15)
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--steps", type=int, default=60, help="SFT steps (T2L and the multi-task LoRA)")
-    p.add_argument("--recon-steps", type=int, default=400)
+    p.add_argument("--recon-steps", type=int, default=300)
     p.add_argument("--tasks-per-batch", type=int, default=4)
     p.add_argument("--rows-per-task", type=int, default=2)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--lr", type=float, default=2.5e-4, help="T2L SFT peak lr")
     p.add_argument("--lora-lr", type=float, default=2e-4, help="multi-task LoRA lr")
-    p.add_argument("--only", default="", help="comma-separated subset of methods to run")
+    p.add_argument("--only", default="", help="comma-separated subset of methods to run "
+                                              "(base, icl, t2l-sft, multitask, t2l-recon, own)")
+    p.add_argument("--tables", nargs="*", help="print the tables of these results.json files (merged) and exit")
     args = p.parse_args()
+    if args.tables is not None:
+        merged: dict = {}
+        for f in args.tables:
+            for method, per_task in json.loads(Path(f).read_text()).items():
+                merged.setdefault(method, {}).update(per_task)
+        collection = task_lib.read_tasks(args.tasks)
+        held = [t for t in collection if t.name in task_lib.BENCHMARK_HELDOUT]
+        unseen_names = {n for m in merged if "wording" in m for n in merged[m]}
+        print_tables(merged, held, [t for t in collection if t.name in unseen_names])
+        return 0
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -350,17 +350,24 @@ class TextToLoRA(nn.Module):
         """
         n, r = emb.shape[0], self.config.r
         task = self.task_proj(emb)  # (n, l/2)
+        kinds = self.layout.kinds
+        rows = []
+        for k, kind in enumerate(kinds):  # every (layer, type) pair of every kind goes through the trunk at once
+            layers = getattr(self, f"layers_{kind}")  # (L_k,)
+            depth = self.depth_norm(self.depth(layers))  # (L_k, l/4)
+            kind_e = self.kind_norm(self.kind.weight[k]).expand(len(layers), -1)  # (L_k, l/4)
+            rows.append(torch.cat([depth, kind_e], dim=-1))
+        pairs = torch.cat(rows)  # (M, l/2), M = all target modules
+        z = torch.cat([task[:, None, :].expand(n, pairs.shape[0], -1), pairs[None].expand(n, -1, -1)], dim=-1)
+        z = self.mixer(z)  # (n, M, l)
+        for block in self.blocks:
+            z = block(z)
+        h = self.trunk_out(z)  # (n, M, H)
         out: dict[str, Any] = {}
-        for k, kind in enumerate(self.layout.kinds):
-            layers = getattr(self, f"layers_{kind}")  # (L,)
-            depth = self.depth_norm(self.depth(layers))  # (L, l/4)
-            kind_e = self.kind_norm(self.kind.weight[k])  # (l/4,)
-            z = torch.cat([task[:, None, :].expand(n, len(layers), -1), depth[None].expand(n, -1, -1),
-                           kind_e.expand(n, len(layers), -1)], dim=-1)  # (n, L, l)
-            z = self.mixer(z)
-            for block in self.blocks:
-                z = block(z)
-            raw = self.heads[kind](self.trunk_out(z))  # (n, L, r*(d_in+d_out))
+        start = 0
+        for kind, part in zip(kinds, rows):
+            raw = self.heads[kind](h[:, start:start + part.shape[0]])  # (n, L_k, r*(d_in+d_out))
+            start += part.shape[0]
             if normalised:
                 out[kind] = (raw, None)
                 continue
@@ -381,7 +388,7 @@ class TextToLoRA(nn.Module):
                                      for n in rows], dim=-2)
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, descriptions: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """One ``{module: (A, B)}`` per description, in eval mode (no dropout), fp32 on the CPU."""
         was = self.training
