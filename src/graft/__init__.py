@@ -3,6 +3,7 @@
 from graft import decode, runtime
 from graft.compose.combine import combine
 from graft.compose.lorahub import lorahub
+from graft.compose.t2l import T2LConfig, TextToLoRA, text_to_lora
 from graft.core import (
     Average,
     Parallel,
@@ -51,6 +52,8 @@ __all__ = [
     "ReLoRA",
     "Report",
     "Stack",
+    "T2LConfig",
+    "TextToLoRA",
     "activate",
     "active_adapters",
     "attach",
@@ -69,6 +72,7 @@ __all__ = [
     "route",
     "runtime",
     "save",
+    "text_to_lora",
     "unload",
     "unmerge",
 ]

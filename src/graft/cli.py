@@ -43,6 +43,7 @@ EXAMPLES = {
     "library": "graft library build --model smollm2-135m --tasks ../shared/data/tasks/index.json --out lib/ "
                "--r 8 --targets q_proj,v_proj\n  graft library list lib/\n"
                '  graft library search lib/ "translate to German" --k 5',
+    "t2l": "",  # filled from graft.compose.t2l_cli below
 }
 
 
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     add_train_arguments(verb("train", "Fine-tune a model on a data file (LoRA and friends, or full)."))
+
+    from graft.compose import t2l_cli
+
+    EXAMPLES["t2l"] = t2l_cli.EXAMPLE
+    t2l_cli.add_arguments(verb("t2l", "Text-to-LoRA: train a hypernetwork that writes LoRAs from task descriptions, "
+                                      "or generate one."))
 
     g = verb("generate", "Generate text with a model and an optional adapter (chat template applied).")
     g.add_argument("--model", required=True, help="built-in name, transformers dir, .gguf file or hub id (org/name)")
@@ -120,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = verb("serve", "Serve one base model and many adapters over an OpenAI-compatible HTTP API "
                       "(the request's model field picks the adapter).")
-    s.add_argument("--model", required=True, help="built-in name, transformers dir or .gguf file")
+    s.add_argument("--model", help="built-in name, transformers dir or .gguf file (not with --engine vllm)")
     s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve; repeat")
     s.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
                    help="a directory POST /v1/load_lora_adapter may load from; repeat (none: loading over HTTP is refused)")
@@ -149,6 +156,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--expose-adapter-paths", action="store_true",
                    help="show adapter directories in GET /v1/models (an admin option; hidden by default)")
 
+    s.add_argument("--hypernet", help="a Text-to-LoRA hypernetwork: POST /v1/generate_lora_adapter {lora_name, "
+                                       "description} makes and serves an adapter")
+    s.add_argument("--library", help="an adapter library (manifest.json): its adapters are served by name, and POST "
+                                      "/v1/pick_lora_adapter {description} loads the nearest")
+    s.add_argument("--adapter-cache", help="where generated adapters are written (default: a temporary directory; "
+                                            "with --engine vllm, a directory the vLLM server can read)")
+    s.add_argument("--engine", choices=["graft", "vllm"], default="graft",
+                   help="vllm: front a vLLM server (--vllm-url): adapters are generated or picked here, loaded there")
+    s.add_argument("--vllm-url", help="the vLLM server's base URL (with --engine vllm)")
+    s.add_argument("--vllm-api-key-file", help="file whose first key is sent to the vLLM server")
+
     from graft.compose.library_cli import add_library_arguments
 
     add_library_arguments(verb("library", "An adapter library: build one LoRA per task of a task collection, "
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         status = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
                   "plan": cmd_plan, "eval": cmd_eval, "serve": cmd_serve, "export": cmd_export,
                   "push": cmd_push, "library": cmd_library, "combine": cmd_combine,
-                  "lorahub": cmd_lorahub}[args.verb](args)
+                  "lorahub": cmd_lorahub, "t2l": cmd_t2l}[args.verb](args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except BrokenPipeError:  # `graft inspect --json | head`: the reader has what it wanted
@@ -532,7 +550,9 @@ def describe(path: str) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = describe(args.path)
+    from graft.compose import t2l
+
+    info = t2l.describe(args.path) if t2l.is_hypernet(args.path) else describe(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -802,6 +822,12 @@ def cmd_library(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_t2l(args: argparse.Namespace) -> int:
+    from graft.compose import t2l_cli
+
+    return t2l_cli.run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from graft.serve import Limits, read_api_keys, serve
 
@@ -814,6 +840,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"--adapter {name} is given twice")
         adapters[name] = path
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    if args.engine == "vllm":
+        from graft.serve.dispatch import Dispatcher, serve_vllm
+
+        if not args.vllm_url or not (args.hypernet or args.library):
+            raise CliError("--engine vllm needs --vllm-url and --hypernet and/or --library")
+        upstream_key = read_api_keys(args.vllm_api_key_file)[0] if args.vllm_api_key_file else None
+        serve_vllm(Dispatcher(args.hypernet, args.library, args.adapter_cache), args.vllm_url, host=args.host,
+                   port=args.port, api_keys=keys or (), vllm_api_key=upstream_key, max_body_bytes=args.max_body_bytes)
+        return 0
+    if not args.model:
+        raise CliError("--model is required (the base model to serve)")
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, max_request_tokens=args.max_request_tokens)
     kv_budget: str | int | None = args.kv_cache_budget.lower()
     if kv_budget == "none":
@@ -829,5 +866,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_loaded=args.max_loaded, api_keys=keys, limits=limits, max_batch=args.max_batch, dtype=args.dtype,
           device=args.device, served_name=args.served_name, adapter_dtype=args.adapter_dtype,
           shutdown_grace=args.shutdown_grace, kv_budget=kv_budget, max_waiting=args.max_queue,
-          max_weight_abs=args.max_adapter_weight or None, expose_paths=args.expose_adapter_paths)
+          max_weight_abs=args.max_adapter_weight or None, expose_paths=args.expose_adapter_paths,
+          hypernet=args.hypernet, library=args.library, cache_dir=args.adapter_cache)
     return 0

@@ -55,6 +55,9 @@ def build(
     max_weight_abs: float | None = 1e4,
     max_waiting: int = 1024,
     expose_paths: bool = False,
+    hypernet: Any = None,
+    library: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Engine]:
     """The app and its (started) engine, for embedding in your own ASGI server or tests.
 
@@ -77,6 +80,11 @@ def build(
         max_weight_abs: Largest adapter weight magnitude admitted (``None``: any finite value).
         max_waiting: Most requests queued for admission (more get a 429).
         expose_paths: Show adapter paths in ``GET /v1/models`` (an admin option).
+        hypernet: A Text-to-LoRA hypernetwork (or its directory): ``POST /v1/generate_lora_adapter``
+            makes an adapter from a description (:mod:`graft.serve.dispatch`).
+        library: An adapter library (``manifest.json``): its adapters are served by name, and
+            ``POST /v1/pick_lora_adapter`` loads the one nearest to a description.
+        cache_dir: Where generated adapters are written (default: a temporary directory).
     """
     from graft import models
 
@@ -113,8 +121,24 @@ def build(
         if max_loaded is None or len(registry.loaded()) < max_loaded:
             registry.acquire(adapter)  # the engine thread is not running yet: attach here
             registry.release(adapter)
+    dispatcher = None
+    if hypernet is not None or library is not None:
+        from graft.serve.dispatch import Dispatcher
+
+        if hypernet is not None and not hasattr(hypernet, "generate_one"):
+            from graft.compose.t2l import TextToLoRA
+
+            hypernet = TextToLoRA.load(hypernet, model=model)  # refuses a hypernetwork for another base
+        elif hypernet is not None:
+            hypernet.layout.check(model)
+        dispatcher = Dispatcher(hypernet, library, cache_dir)
     engine.start()
-    return create_app(engine, registry, api_keys=list(api_keys or []), limits=limits, expose_paths=expose_paths), engine
+    app = create_app(engine, registry, api_keys=list(api_keys or []), limits=limits, expose_paths=expose_paths)
+    if dispatcher is not None:
+        from graft.serve.dispatch import install
+
+        install(app, dispatcher)
+    return app, engine
 
 
 def default_kv_budget(device: Any) -> int | None:
@@ -176,6 +200,8 @@ def serve(model: str | Any, *, host: str = "127.0.0.1", port: int = 8000, shutdo
         server.run()
     finally:
         engine.shutdown()
+        if getattr(app.state, "dispatcher", None) is not None:
+            app.state.dispatcher.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
