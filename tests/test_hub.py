@@ -21,7 +21,8 @@ import pytest
 import torch
 from hub_stub import HubStub
 from huggingface_hub import constants
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_dirs import decoder_dir
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import graft
 from graft import hub, models
@@ -52,14 +53,7 @@ def lay_out(cache: Path, repo_id: str, files: Path, commit: str = COMMIT, refs: 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer (so a chat template), as from save_pretrained."""
-    tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return decoder_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

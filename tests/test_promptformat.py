@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_dirs import decoder_dir
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import graft
 import graft.models
@@ -29,14 +30,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok) -> Path:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def model_dir(tmp_path_factory) -> Path:
+    return decoder_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
