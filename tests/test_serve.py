@@ -79,19 +79,21 @@ def save_adapters(cfg, state, root, seed: int = 0, names=ADAPTERS) -> None:
 class LiveServer:
     """uvicorn in a daemon thread on a loopback socket bound before it starts (no port race)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, key: str = KEY, start_timeout: float = 30) -> None:
+        self.key = key
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
             time.sleep(0.02)
 
-    def client(self, key: str = KEY):
+    def client(self, key: str | None = None):
+        key = self.key if key is None else key
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
 
     def close(self) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 
 import pytest
 import torch
+from test_serve import LiveServer as ServeLiveServer
 from test_t2l import fake_embedder, net_for
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -32,28 +31,8 @@ DESC = "Translate English sentences to Spanish."
 PROMPT = "The quick brown fox jumps over"
 
 
-class LiveServer:
-    """uvicorn in a daemon thread on a loopback socket bound before it starts."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def client(self, key: str = KEY):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+def LiveServer(app):
+    return ServeLiveServer(app, key=KEY, start_timeout=60)
 
 
 @pytest.fixture(scope="module")
