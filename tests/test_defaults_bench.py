@@ -1,0 +1,54 @@
+"""benchmarks/defaults.py (how the LoRA defaults were chosen) must not rot: its splits never leak, and a run
+goes through `graft.recipe.run` with the options a user would give (a tiny encoder stands in for MiniLM)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_dirs import LABELLED, encoder_dir
+
+from graft.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("defaults_bench", ROOT / "benchmarks" / "defaults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["sst2", "clinc"])
+def test_splits_are_disjoint_seeded_and_sized(bench, task):
+    if not bench.SHARED.exists():
+        pytest.skip("../shared/data is not here (a user's clone)")
+    sizes = {"train": 40, "val": 5, "test": 7}
+    first, again = bench.splits(task, sizes), bench.splits(task, sizes)
+    assert first == again  # seeded: the grid and the check see the same rows
+    texts = {part: {r["text"] for r in rows} for part, rows in first.items()}
+    assert not texts["train"] & texts["val"] and not texts["train"] & texts["test"] and not texts["val"] & texts["test"]
+    per_class = 150 if task == "clinc" else 1  # CLINC's sizes are per intent
+    assert [len(first[p]) for p in ("train", "val", "test")] == [n * per_class for n in (40, 5, 7)]
+    if task == "clinc":
+        assert len({r["label"] for r in first["test"]}) == 150
+
+
+def test_a_run_trains_with_the_defaults_and_scores_the_asked_split(bench, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    model = encoder_dir(tmp_path / "enc")
+    rows = {"train": LABELLED, "val": LABELLED[:4], "test": LABELLED[4:]}
+    monkeypatch.setattr(bench, "splits", lambda task, sizes, seed=0: rows)
+    monkeypatch.setitem(bench.TASKS, "sst2", {**bench.TASKS["sst2"], "model": str(model), "max_length": 32})
+    out = bench.run_one("sst2", "default", "val", 0, 1, {"epochs": 1})
+    assert out["scored_rows"] == 4 and 0.0 <= out["accuracy"] <= 1.0 and math.isfinite(out["loss"])
+    assert out["steps"] == math.ceil(len(LABELLED) / TrainConfig().batch_size)
+    # The "default" config adds no LoRA option: what it trains is whatever graft's defaults are.
+    assert bench.CONFIGS["default"] == {"method": "lora"}
+    qv = bench.run_one("sst2", "qv-r8", "test", 0, 1, {"epochs": 1})  # "qv" maps to BERT's own module names
+    assert qv["scored_rows"] == 4 and qv["trainable"] < out["trainable"]
