@@ -108,14 +108,18 @@ def run_one(task: str, config: str, split: str, seed: int, threads: int, sizes: 
         seconds = time.perf_counter() - t0
         torch.set_num_threads(threads)
         label_map = json.loads((Path(tmp) / "out" / "job.json").read_text())["label_map"]
-        scored = data.tokenize(data.read(rows[split]), tok, format="classification", max_length=job.max_length,
-                               label_map=label_map)
         collate = recipe.make_collate(model, tok, job.max_length, packed=False)
-        metrics = evaluate(model, scored, collate, cfg)
+        metrics = {}
+        for part in dict.fromkeys((split, "val", "test")):  # the asked split first; both are recorded
+            scored = data.tokenize(data.read(rows[part]), tok, format="classification",
+                                   max_length=job.max_length, label_map=label_map)
+            metrics[part] = evaluate(model, scored, collate, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"task": task, "config": config, "split": split, "seed": seed, "options": CONFIGS[config],
             "epochs": spec["epochs"],
-            "accuracy": metrics["eval_accuracy"], "loss": metrics["eval_loss"], "steps": result.steps,
+            "accuracy": metrics[split]["eval_accuracy"], "loss": metrics[split]["eval_loss"],
+            "val_accuracy": metrics["val"]["eval_accuracy"], "test_accuracy": metrics["test"]["eval_accuracy"],
+            "steps": result.steps,
             "train_rows": len(rows["train"]), "scored_rows": len(rows[split]), "trainable": trainable,
             "train_s": round(seconds, 1), "peak_rss_mb": round(peak_memory_mb()["peak_rss_mb"]),
             "load_average": round(os.getloadavg()[0], 1)}
