@@ -31,12 +31,7 @@ VERBS = ["train", "generate", "merge", "inspect", "eval", "plan", "serve"]
 ROWS = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
 
 
 @pytest.fixture(scope="module")

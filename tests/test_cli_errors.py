@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_dirs import ALPACA, LABELLED, decoder_dir, encoder_dir, write_jsonl
 
 import graft.recipe
@@ -29,12 +28,7 @@ KEYS = sorted(graft.recipe.JOB_KEYS | graft.recipe.TRAIN_KEYS | {"resume", "on_o
 PYTHON_KEYWORD = re.compile(r"(?<![\w-])(" + "|".join(KEYS) + r")=")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
 
 
 @pytest.fixture(scope="module")

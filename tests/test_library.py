@@ -34,12 +34,7 @@ SMALL = L.BuildConfig(r=2, alpha=4.0, epochs=1, lr=1e-3, batch_size=4, max_lengt
                       heldout=0.25, eval_rows=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
 
 
 def bag_of_words(texts):

@@ -26,13 +26,7 @@ from graft.io import WEIGHTS_NAME
 from graft.train import TrainConfig, train
 from graft.train.optim import Schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
 
 
 @pytest.fixture(scope="module")
