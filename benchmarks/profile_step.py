@@ -282,6 +282,78 @@ def cpu_has_bf16() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# What packing and selective logits should save, from the token counts alone
+
+
+def step_work(config: Any, rows: list[int], supervised: int, full_logits: bool, r: int = 16) -> dict[str, float]:
+    """FLOPs of one LoRA step of a Llama-shaped model on ``rows`` (each row's computed width).
+
+    Base linears: forward and the input gradient (the base is frozen); LoRA: forward, input
+    gradients and factor gradients; attention: 12·h·s²·d per row and layer (forward Q Kᵀ and P V,
+    four backward matmuls); head: logits and their input gradient over every position (full
+    logits) or the supervised ones only (selective).
+    """
+    d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = config.num_key_value_heads * head_dim
+    shapes = [(d, heads * head_dim), (d, kv), (d, kv), (heads * head_dim, d), (d, inter), (d, inter), (inter, d)]
+    positions = sum(rows)
+    base = layers * sum(2 * 2 * i * o for i, o in shapes) * positions
+    lora = layers * sum(2 * r * (i + o) * 4 for i, o in shapes) * positions
+    attention = layers * sum(12 * heads * w * w * head_dim for w in rows)
+    head = 2 * 2 * d * config.vocab_size * (positions if full_logits else supervised)
+    return {"positions": positions, "base": base, "lora": lora, "attention": attention, "head": head,
+            "total": base + lora + attention + head}
+
+
+def token_model(args: argparse.Namespace) -> str:
+    """Positions and FLOPs of graft's four combinations of packing and selective logits on the benchmark's data.
+
+    Uses the tokeniser and the model's config only (no weights, no timing): what each technique
+    removes, and what the two together should give if time followed FLOPs.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from graft import data, models
+
+    path = models.resolve(args.model)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    examples = data.tokenize(train_bench.rows(args.examples, args.data), tok, format="alpaca",
+                             max_length=args.max_length)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    totals: dict[tuple[bool, bool], dict[str, float]] = {}
+    supervised = real = 0
+    for start in range(0, len(order), args.batch_size):
+        items = [examples[i] for i in order[start:start + args.batch_size]]
+        sup = sum(sum(1 for t in x.labels[1:] if t != -100) for x in items)
+        supervised, real = supervised + sup, real + sum(len(x) for x in items)
+        packed = data.pack(items, args.max_length)
+        widths = {False: [max(len(x) for x in items)] * len(items), True: [max(len(p) for p in packed)] * len(packed)}
+        for packing in (False, True):
+            for selective in (False, True):
+                w = step_work(config, widths[packing], sup, full_logits=not selective)
+                acc = totals.setdefault((packing, selective), dict.fromkeys(w, 0.0))
+                for k, v in w.items():
+                    acc[k] += v
+    plain = totals[(False, False)]["total"]
+    lines = [(f"Token model: {len(examples)} examples, batch {args.batch_size}, max length {args.max_length}: "
+              f"{real} real tokens, {supervised} supervised."), "",
+             ("| graft | positions computed | base + LoRA TFLOP | attention TFLOP | head TFLOP | total TFLOP | "
+              "speed-up if time ~ FLOPs |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    for (packing, selective), t in sorted(totals.items()):
+        label = f"{'packing' if packing else 'padded'}, {'selective' if selective else 'full'} logits"
+        lines.append(f"| {label} | {t['positions']:.0f} | {(t['base'] + t['lora']) / 1e12:.2f} | "
+                     f"{t['attention'] / 1e12:.2f} | {t['head'] / 1e12:.2f} | {t['total'] / 1e12:.2f} | "
+                     f"{plain / t['total']:.2f}x |")
+    pack, sel = plain / totals[(True, False)]["total"], plain / totals[(False, True)]["total"]
+    lines += ["", (f"Product of the two alone: {pack * sel:.2f}x; together: {plain / totals[(True, True)]['total']:.2f}x "
+                   "(both remove the head's work on padding, which is counted once).")]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
 # The two sides
 
 
@@ -415,12 +487,24 @@ def batch_tokens(side: Side, batches: list[list[int]]) -> dict[str, float]:
 # Driver
 
 
+GRAFT_VARIANTS = {  # --side name -> (packing, selective logits)
+    "graft": (True, True),  # the defaults
+    "graft-packing": (True, False),
+    "graft-selective": (False, True),
+    "graft-plain": (False, False),
+}
+
+
 def build_side(args: argparse.Namespace, which: str) -> Side:
     bf16 = args.dtype == "bf16"
-    if which == "graft":
-        model, examples, collate, cfg = train_bench.build_graft(args, packing=True, selective=True,
+    if which in GRAFT_VARIANTS:
+        packing, selective = GRAFT_VARIANTS[which]
+        model, examples, collate, cfg = train_bench.build_graft(args, packing=packing, selective=selective,
                                                                 checkpointing=False, bf16=bf16)
-        return graft_side(model, examples, collate, cfg)
+        side = graft_side(model, examples, collate, cfg)
+        if which != "graft":
+            side.name = f"graft ({'packing' if packing else 'padded'}, {'selective' if selective else 'full'} logits)"
+        return side
     trainer, data, collate = train_bench.build_reference(args, bf16=bf16)
     return reference_side(trainer, data, collate, bf16)
 
@@ -490,6 +574,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="built-in name or transformers directory")
     ap.add_argument("--data", type=Path, default=train_bench.DATA, help="GSM8K train.jsonl")
     ap.add_argument("--only", choices=["graft", "reference"], action="append")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also graft with packing alone, selective logits alone, and neither (why they do not compound)")
+    ap.add_argument("--token-model", action="store_true",
+                    help="only the FLOPs each combination of packing / selective logits should take (no timing)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/graft-bench-profile", help=argparse.SUPPRESS)
@@ -502,6 +590,10 @@ def main() -> None:
     if not args.data.exists():
         print(f"skipped: {args.data} not found (the benchmark reads ../shared/data)")
         return
+    if args.ablate or args.token_model:
+        print(token_model(args), flush=True)
+        if args.token_model:
+            return
     if args.dtype == "bf16" and not cpu_has_bf16():
         print("skipped: --dtype bf16 needs a CPU with AVX512-BF16 or AMX (this one would emulate bf16)")
         return
@@ -513,8 +605,11 @@ def main() -> None:
     for kind, r in rates.items():
         print(f"GEMM {kind} GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
     results = []
-    for which in args.only or ["graft", "reference"]:
-        cmd = [sys.executable, __file__, "--side", which] + [a for a in sys.argv[1:] if a != "--quick"]
+    sides = args.only or ["graft", "reference"]
+    if args.ablate:
+        sides += ["graft-packing", "graft-selective", "graft-plain"]
+    for which in sides:
+        cmd = [sys.executable, __file__, "--side", which] + [a for a in sys.argv[1:] if a not in ("--quick", "--ablate")]
         if args.quick:
             cmd += ["--examples", str(args.examples), "--batch-size", str(args.batch_size),
                     "--max-length", str(args.max_length), "--steps", str(args.steps)]
@@ -530,10 +625,11 @@ def main() -> None:
     print(f"\nthreads {args.threads}, dtype {args.dtype}, batch {args.batch_size}, max length {args.max_length}, "
           f"{args.steps} profiled step(s)\n")
     print(md)
-    if len(results) == 2 and not math.isnan(results[1]["step_s"]):
-        print(f"step time graft / reference: {results[0]['step_s'] / results[1]['step_s']:.3f} "
-              f"(throughput ratio per supervised token: "
-              f"{(results[0]['tokens']['supervised'] / results[0]['step_s']) / (results[1]['tokens']['supervised'] / results[1]['step_s']):.2f}x)")
+    ref = next((r for r in results if r["impl"] == "peft+Trainer"), None)
+    for r in results:
+        if ref is not None and r is not ref and not math.isnan(ref["step_s"]):
+            print(f"{r['impl']}: step time / reference {r['step_s'] / ref['step_s']:.3f} "
+                  f"(throughput per supervised token {ref['step_s'] / r['step_s']:.2f}x the reference's)")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "gemm_gflops": rates,
                                          "results": results, "markdown": md}, indent=2))
