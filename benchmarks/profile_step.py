@@ -371,12 +371,16 @@ class Side:
 def graft_side(model: nn.Module, examples: Sequence[Any], collate: Callable, config: Any,
                total_steps: int = 1000) -> Side:
     """graft's real ``_train_step`` (one micro-batch, as in benchmarks/train.py) with a loss scope."""
-    from graft.train import loop
+    from graft.train import loop, packed_attention
     from graft.train.optim import build_optimizer, build_scheduler
 
     device = next(model.parameters()).device
     loop._check_autocast(config, device)
-    loss_fn, _ = loop._loss_fn(model, config, loop._to(collate([examples[0]]), device))
+    first = loop._to(collate([examples[0]]), device)
+    loss_fn, _ = loop._loss_fn(model, config, first)
+    if packed_attention.applies(model, first, device):  # as graft.train.train does for packed batches
+        packed_attention.register()
+        model.set_attn_implementation(packed_attention.NAME)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
