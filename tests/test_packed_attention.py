@@ -98,5 +98,16 @@ def test_trainer_uses_it_for_packed_batches_on_the_cpu_only(cut):
         results.append(train(model, rows, collate, cfg))
         assert model.config._attn_implementation == "sdpa"  # restored after training
     assert seen == [pa.NAME, "sdpa"]  # the training step: packed, then padded
-    assert len(cut) == 1
+    assert len(cut) == 2  # the trainer's probe, then the packed step
     assert results[0].losses[0] == pytest.approx(results[1].losses[0], rel=1e-5)  # same examples, same loss
+
+
+def test_applies_only_to_packed_fp32_batches_on_the_cpu_after_a_probe():
+    model = tiny()
+    packed = data.collate(data.pack(examples([13, 9, 11]), 24), pad_id=0, packed=True)
+    padded = data.collate(examples([13, 9, 11]), pad_id=0)
+    cpu = torch.device("cpu")
+    assert pa.applies(model, packed, cpu)
+    assert model.config._attn_implementation == "sdpa" and model.training  # the probe leaves the model as it was
+    assert not pa.applies(model, padded, cpu)  # an attention mask: not packed
+    assert not pa.applies(model.to(torch.bfloat16), packed, cpu)  # the probe's exactness bar is for fp32

@@ -17,6 +17,7 @@ import graft
 import graft.models
 from graft import data, recipe
 from graft.train import TrainConfig
+from graft.train.packed_attention import segments
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "profile_step.py"
@@ -88,10 +89,12 @@ def test_categories_cover_the_step_and_flops_are_exact(ps, tok):
     supervised = int((batch["labels"][:, 1:] != -100).sum())
     assert out["flops"]["matmul"] == expected_matmul_flops(side.model, positions, supervised)
     cfg = side.model.config
-    rows, width = batch["input_ids"].shape
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    # forward Q Kᵀ and P V, backward four matmuls of the same size: 12·b·h·s²·d per layer
-    assert out["flops"]["attention"] == 12 * rows * cfg.num_attention_heads * width**2 * head_dim * cfg.num_hidden_layers
+    # graft's trainer runs packed rows one example at a time (graft.train.packed_attention): forward Q Kᵀ
+    # and P V, backward four matmuls of the same size, 12·h·n²·d per example of n tokens and layer
+    squares = sum((e - s) ** 2 for row in segments(batch["position_ids"]) for s, e in row)
+    assert side.model.config._attn_implementation == "graft_packed_sdpa"
+    assert out["flops"]["attention"] == 12 * cfg.num_attention_heads * squares * head_dim * cfg.num_hidden_layers
 
 
 def test_backward_ops_take_their_forward_scope(ps, tok):
