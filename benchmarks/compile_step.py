@@ -94,6 +94,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scope", choices=["layers", "norms"], default="layers")
     ap.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up / compile step")
+    ap.add_argument("--block-mask", action="store_true",
+                    help="attention over whole packed rows (sdpa, block mask): one graph, where graft's per-example "
+                         "attention (its default on the CPU) splits the graph at each row's example boundaries")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 examples, batch 2, max length 256, 2 steps")
     ap.add_argument("--examples", type=int, default=64)
@@ -124,7 +127,10 @@ def main() -> None:
             for n, p in model.named_parameters():
                 if n in trainable:
                     p.copy_(trainable[n])
-        return profile_step.graft_side(model, examples, collate, cfg)
+        side = profile_step.graft_side(model, examples, collate, cfg)
+        if args.block_mask:  # transformers' sdpa over the whole masked row instead of graft's per-example attention
+            model.set_attn_implementation("sdpa")
+        return side
 
     index = profile_step.step_batches(len(examples), args.batch_size, 1 + args.steps, args.seed)
     batches = [[examples[i] for i in b] for b in index]
