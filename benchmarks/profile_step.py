@@ -8,7 +8,8 @@
 The step is the one benchmarks/train.py times, built by its own builders (``build_graft`` and
 ``build_reference``): SmolLM2-135M-Instruct, GSM8K in the Alpaca template, LoRA r=16 alpha=32
 all-linear, batch 8, max length 512, AdamW with max_grad_norm 1. graft runs its real
-``_train_step`` with its defaults (packing + selective logits); the reference runs the Trainer's
+``_train_step`` with its defaults (balanced packing + selective logits, and on the CPU its
+per-example attention for packed rows, as ``graft.train.train`` switches it on); the reference runs the Trainer's
 own ``training_step`` (padded rows, full logits), then its clipping, optimizer and scheduler step,
 as ``Trainer._inner_training_loop`` does. Both sides see the same examples in the same order, each
 side in its own process.
