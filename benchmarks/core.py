@@ -8,7 +8,10 @@ graft / peft, lower is better):
       1x128 and 8x256 tokens, and a merged graft adapter against the plain base model;
   (c) mixed-batch inference: 8 LoRA adapters (r=16, all-linear) routed over 32 rows, prefill
       (32 x 32 tokens) and one decode step (32 x 1 token on a 32-token KV cache);
-      graft.route vs peft's ``adapter_names=``.
+      graft.route vs peft's ``adapter_names=``;
+  (d) cost as adapters grow (``--only count``, not in the default run): the same mixed prefill and
+      decode step with 1, 2, 4, 8, 16 and 32 distinct adapters over 32 rows, graft vs peft, with each
+      side's growth factor from 1 to 32 adapters and a plot (``--plot-dir``, default docs/img).
 
 Timings are interleaved (graft, peft, ... with the order rotated every repetition) after a
 warm-up, with ``torch.set_num_threads(2)``; the table gives the median time of each side and the
@@ -21,6 +24,7 @@ Usage:
     .venv/bin/python benchmarks/core.py                       # full run (a few minutes)
     .venv/bin/python benchmarks/core.py --quick               # smoke run, < 60 s
     .venv/bin/python benchmarks/core.py --out docs/benchmarks.md   # also write the report section
+    .venv/bin/python benchmarks/core.py --only count           # (d): cost vs number of adapters, ~6 min
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ SECTION = "## Core (issue: core)"
 BEGIN = "<!-- benchmarks/core.py: begin generated -->"
 END = "<!-- benchmarks/core.py: end generated -->"
 COMMAND = ".venv/bin/python benchmarks/core.py"
+COUNT_SECTION = "## Cost as adapters grow (issue 20)"
+COUNT_BEGIN = "<!-- benchmarks/core.py --only count: begin generated -->"
+COUNT_END = "<!-- benchmarks/core.py --only count: end generated -->"
 
 N_ADAPTERS = 8
 
@@ -74,6 +81,7 @@ class Settings:
     warmup: int
     retry_block_s: float  # per block: seconds of waiting for quiet / redoing disturbed rounds
     retry_total_s: float  # the same, for the whole run
+    adapter_counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # (d): distinct adapters over mixed_rows rows
 
 
 FULL = Settings(
@@ -84,7 +92,7 @@ FULL = Settings(
 QUICK = Settings(
     quick=True, attach_layers=4, attach_reps=3, small=(1, 16), large=(2, 32), small_reps=3,
     large_reps=3, mixed_rows=32, mixed_prefill=4, prefill_reps=3, decode_reps=5, warmup=1,
-    retry_block_s=0, retry_total_s=0,
+    retry_block_s=0, retry_total_s=0, adapter_counts=(1, 2, 4),
 )
 
 
@@ -273,6 +281,7 @@ class Report:
     clock: Clock
     rows: list[Row] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
+    growth: list[str] = field(default_factory=list)  # (d): lines on cost vs number of adapters
     wall_s: float = 0.0
     revision: str = field(default_factory=lambda: _revision())
 
@@ -358,13 +367,14 @@ def _load() -> str:
         return "n/a"
 
 
-def to_markdown(report: Report, started_load: str) -> str:
+def to_markdown(report: Report, started_load: str, begin: str = BEGIN, end: str = END,
+                command: str = COMMAND) -> str:
     s = report.settings
     lines = [
-        BEGIN,
+        begin,
         "",
         (
-            f"Command: `{COMMAND}{' --quick' if s.quick else ''}` "
+            f"Command: `{command}{' --quick' if s.quick else ''}` "
             f"({'QUICK smoke run: smaller shapes, not the acceptance numbers; ' if s.quick else ''}"
             f"wall time {report.wall_s:.0f} s)."
         ),
@@ -403,24 +413,26 @@ def to_markdown(report: Report, started_load: str) -> str:
         lines.append(
             f"- {r.section} {r.what}, {r.ours_label} vs {r.ref_label}: {verdict}{'. ' + r.note if r.note else ''}"
         )
+    if report.growth:
+        lines += ["", "Cost as the number of adapters grows (d):", ""] + [f"- {g}" for g in report.growth]
     lines += ["", "Sanity checks (run before timing):", ""]
     lines += [f"- {c}" for c in report.checks]
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, generated: str) -> None:
-    """Replace the generated block of the Core section in ``path`` (creating file/section as needed)."""
+def write_section(path: Path, generated: str, section: str = SECTION, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the generated block of ``section`` in ``path`` (creating file/section as needed)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
         text = head + generated.rstrip("\n") + tail
-    elif SECTION in text:
-        head, tail = text.split(SECTION, 1)
-        text = head + SECTION + "\n\n" + generated + tail
+    elif section in text:
+        head, tail = text.split(section, 1)
+        text = head + section + "\n\n" + generated + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + generated
+        text = text.rstrip("\n") + "\n\n" + section + "\n\n" + generated
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
@@ -637,6 +649,80 @@ def bench_mixed(report: Report, models: Models) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# (d) cost as the number of adapters grows: the (c) batches with 1 ... 32 distinct adapters
+
+
+def bench_count(report: Report, tmp: Path, plot_dir: Path | None) -> None:
+    """Mixed prefill and decode time with ``settings.adapter_counts`` distinct adapters over the same rows.
+
+    Row i gets adapter ``a{i % n}``, so every count spreads the same 32 rows over n adapters; the
+    growth factor is (time with the most adapters) / (time with one), per side.
+    """
+    import graft
+    import graft.models
+
+    s = report.settings
+    base, _ = graft.models.load("smollm2-135m")
+    base.eval()
+    pm, dirs = peft_adapters(base, tmp, n=max(s.adapter_counts))
+    g = copy.deepcopy(base)
+    for name, d in dirs.items():
+        graft.load(g, d, name=name)
+    rows = s.mixed_rows
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, base.config.vocab_size, (rows, s.mixed_prefill), generator=gen)
+    nxt = torch.randint(0, base.config.vocab_size, (rows, 1), generator=gen)
+    medians: dict[str, dict[float, float]] = {f"{side} {what}": {} for what in ("prefill", "decode")
+                                              for side in ("graft", "peft")}
+
+    def g_fwd(x: torch.Tensor, names: list[str], **kw: Any) -> Any:
+        with graft.route(g, names):
+            return g(input_ids=x, **kw)
+
+    def p_fwd(x: torch.Tensor, names: list[str], **kw: Any) -> Any:
+        return pm(input_ids=x, adapter_names=names, **kw)
+
+    with torch.no_grad():
+        for count in s.adapter_counts:
+            names = [f"a{i % count}" for i in range(rows)]
+            og, op = g_fwd(ids, names, use_cache=True), p_fwd(ids, names, use_cache=True)
+            _agree(report, f"(d) {count} adapters over {rows} rows, prefill, graft vs peft", og.logits, op.logits)
+            cache_g, cache_p = og.past_key_values, op.past_key_values
+            del og, op
+            prefill = {"graft": Case(run=lambda _, n=names: g_fwd(ids, n)),
+                       "peft": Case(run=lambda _, n=names: p_fwd(ids, n))}
+            t = report.clock.interleaved(prefill, s.prefill_reps)
+            report.add(Row("(d)", f"mixed prefill, {count} adapters / {rows} rows x {s.mixed_prefill} tok", t,
+                           "graft", "peft"))
+            for side in ("graft", "peft"):
+                medians[f"{side} prefill"][count] = statistics.median(t.times[side])
+            decode = {
+                "graft": Case(prepare=lambda c=cache_g: copy.deepcopy(c),
+                              run=lambda c, n=names: g_fwd(nxt, n, past_key_values=c)),
+                "peft": Case(prepare=lambda c=cache_p: copy.deepcopy(c),
+                             run=lambda c, n=names: p_fwd(nxt, n, past_key_values=c)),
+            }
+            t = report.clock.interleaved(decode, s.decode_reps)
+            report.add(Row("(d)", f"mixed decode step, {count} adapters / {rows} rows x 1 tok, KV {s.mixed_prefill}",
+                           t, "graft", "peft"))
+            for side in ("graft", "peft"):
+                medians[f"{side} decode"][count] = statistics.median(t.times[side])
+    lo, hi = min(s.adapter_counts), max(s.adapter_counts)
+    for key, points in medians.items():
+        growth = points[hi] / points[lo]
+        target = " (target <= 1.2)" if key.startswith("graft") else ""
+        report.growth.append(f"{key}: {_fmt([points[lo]])} with {lo} adapter(s), {_fmt([points[hi]])} with {hi}: "
+                             f"growth x{growth:.2f}{target}")
+    if plot_dir is not None:
+        from plots import line_plot
+
+        where = line_plot(plot_dir / "adapters_mixed.png", {k: {x: 1e3 * y for x, y in v.items()} for k, v in medians.items()},
+                          xlabel="distinct adapters in the batch", ylabel="ms (median)",
+                          title=f"mixed batch, {rows} rows: prefill x {s.mixed_prefill} tok, decode 1 tok")
+        report.growth.append(where)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _progress(t0: float, what: str) -> None:
@@ -647,8 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions, smaller shapes (< 60 s)")
     ap.add_argument("--out", type=Path, help="write the report into this markdown file's 'Core' section")
-    ap.add_argument("--only", choices=["attach", "forward", "mixed"], action="append",
-                    help="run only these parts (repeatable)")
+    ap.add_argument("--only", choices=["attach", "forward", "mixed", "count"], action="append",
+                    help="run only these parts (repeatable); 'count' (d) runs only when named")
+    ap.add_argument("--plot-dir", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "img",
+                    help="where (d) writes its PNG")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -682,11 +770,24 @@ def main(argv: list[str] | None = None) -> int:
                 _progress(t0, "(c) mixed batch")
                 bench_mixed(report, models)
     report.wall_s = time.perf_counter() - t0
-    md = to_markdown(report, started_load)
-    print(md)
-    if args.out is not None:
-        write_section(args.out, md)
-        print(f"wrote {args.out}", file=sys.stderr)
+    if report.rows:
+        md = to_markdown(report, started_load)
+        print(md)
+        if args.out is not None:
+            write_section(args.out, md)
+            print(f"wrote {args.out}", file=sys.stderr)
+    if "count" in parts:
+        count = Report(settings, report.clock)
+        t1 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="graft-bench-") as tmp:
+            _progress(t0, f"(d) adapter count: building {max(settings.adapter_counts)} adapters in peft")
+            bench_count(count, Path(tmp), args.plot_dir)
+        count.wall_s = time.perf_counter() - t1
+        md = to_markdown(count, started_load, COUNT_BEGIN, COUNT_END, COMMAND + " --only count")
+        print(md)
+        if args.out is not None:
+            write_section(args.out, md, COUNT_SECTION, COUNT_BEGIN, COUNT_END)
+            print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -62,21 +62,20 @@ def encode_reference(tok, row: dict, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
+def build_reference(args: argparse.Namespace, bf16: bool = False) -> tuple:
+    """The reference recipe, untrained: (Trainer, encoded rows, collate). Also used by profile_step.py."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from graft import models
 
-    torch.set_num_threads(2)
     path = models.resolve(args.model)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
                                              task_type="CAUSAL_LM"))
     data = [encode_reference(tok, r, args.max_length) for r in rows(args.examples, args.data)]
-    supervised = sum(sum(1 for x in d["labels"][1:] if x != -100) for d in data)
     pad = tok.pad_token_id
 
     def collate(batch):
@@ -93,7 +92,15 @@ def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0, bf16=bf16,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collate)
+    return Trainer(model=model, args=targs, train_dataset=data, data_collator=collate), data, collate
+
+
+def run_reference(args: argparse.Namespace, bf16: bool = False) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    trainer, data, _ = build_reference(args, bf16)
+    supervised = sum(sum(1 for x in d["labels"][1:] if x != -100) for d in data)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -108,15 +115,14 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, checkpointing: bool,
-              bf16: bool = False) -> dict:
-    import torch
-
+def build_graft(args: argparse.Namespace, *, packing: bool, selective: bool, checkpointing: bool,
+                bf16: bool = False) -> tuple:
+    """graft's side, untrained: (model with LoRA, tokenised examples, collate, TrainConfig). Also used by
+    profile_step.py."""
     import graft
     from graft import data, models, recipe
-    from graft.train import TrainConfig, train
+    from graft.train import TrainConfig
 
-    torch.set_num_threads(2)
     model, tok = models.load(args.model)
     graft.attach(model, graft.LoRA(r=16, alpha=32, targets="all-linear"))
     model.to(args.device)
@@ -125,6 +131,19 @@ def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, check
     cfg = TrainConfig(lr=args.lr, epochs=1, batch_size=args.batch_size, schedule="cosine", warmup_ratio=0.1,
                       seed=args.seed, selective_logits=selective, gradient_checkpointing=checkpointing,
                       max_grad_norm=1.0, progress=False, autocast="bf16" if bf16 else None)
+    return model, examples, collate, cfg
+
+
+def run_graft(args: argparse.Namespace, *, packing: bool, selective: bool, checkpointing: bool,
+              bf16: bool = False) -> dict:
+    import torch
+
+    from graft import data
+    from graft.train import train
+
+    torch.set_num_threads(2)
+    model, examples, collate, cfg = build_graft(args, packing=packing, selective=selective,
+                                                checkpointing=checkpointing, bf16=bf16)
     t0 = time.perf_counter()
     result = train(model, examples, collate, cfg)
     seconds = time.perf_counter() - t0

@@ -535,7 +535,7 @@ def make_collate(model, tokenizer, max_length: int, packed: bool, pairs: bool = 
     # Packed rows are confined per example only without a KV cache: the trainer calls the model
     # with use_cache=False; check once that this model family really confines attention.
     data.check_packing(model, use_cache=False)
-    return lambda batch: data.collate(data.pack(batch, max_length), pad, packed=True)
+    return lambda batch: data.collate(data.pack(batch, max_length, balance=True), pad, packed=True)
 
 
 def run(job: Job, config: TrainConfig, resume: bool = False, callbacks=()):

@@ -54,6 +54,8 @@ from graft.train.monitor import (
     plot_losses,
 )
 from graft.train.optim import build_optimizer, build_scheduler
+from graft.train.packed_attention import applies as packed_applies
+from graft.train.packed_attention import packed_attention
 from graft.train.report import Reporters
 
 Collate = Callable[[list[Any]], dict[str, torch.Tensor]]
@@ -205,7 +207,10 @@ def train(
     was_training = model.training
     checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else False
     try:
-        loss_fn, selective = _loss_fn(model, config, _to(collate([train_data[0]]), device))
+        first = _to(collate([train_data[0]]), device)
+        loss_fn, selective = _loss_fn(model, config, first)
+        # Packed rows on the CPU: attention one example at a time, not over the whole masked row (exact).
+        attention = packed_attention(model) if packed_applies(model, first, device) else contextlib.nullcontext()
         if config.objective == "dpo" and config.precompute_ref:
             train_data, eval_data = (None if rows is None else dpo.precompute_reference(
                 model, rows, collate, config.batch_size or 8, logits_chunk=config.logits_chunk, selective=selective)
@@ -224,8 +229,9 @@ def train(
             hooks.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_threshold))
         reporters = Reporters(out_dir, config) if dist is None or dist.is_main else None
         try:
-            stopped = _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
-                           optimizer, scheduler, scaler, progress, selective, hooks, dist, reporters)
+            with attention:
+                stopped = _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
+                               optimizer, scheduler, scaler, progress, selective, hooks, dist, reporters)
         finally:
             if reporters is not None:
                 reporters.close()
