@@ -36,17 +36,19 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults.jsonl"
 
-# The grid: name -> options on top of `--method lora` (none: graft's defaults). Full fine-tuning
-# is the reference; it gets its own small learning-rate sweep on val so that it is not handicapped.
+# The grid: name -> the options given (``default``: none but the method, so graft's defaults of the day;
+# every other config spells out what it tests). Full fine-tuning is the reference; it gets its own
+# small learning-rate sweep on val so that it is not handicapped.
 CONFIGS: dict[str, dict] = {
     "default": {"method": "lora"},
-    "qv-r8": {"method": "lora", "r": 8, "alpha": 16, "targets": "qv"},
-    "lr5e-4": {"method": "lora", "lr": 5e-4},
-    "lr1e-3": {"method": "lora", "lr": 1e-3},
+    "alpha-r": {"method": "lora", "rslora": False},  # graft's defaults before this grid: r 16, alpha 32, alpha / r
+    "qv-r8": {"method": "lora", "r": 8, "alpha": 16, "targets": "qv", "rslora": False},
+    "lr5e-4": {"method": "lora", "lr": 5e-4, "rslora": False},
+    "lr1e-3": {"method": "lora", "lr": 1e-3, "rslora": False},
     "rslora": {"method": "rslora"},
     "rslora-lr5e-4": {"method": "rslora", "lr": 5e-4},
-    "loraplus16": {"method": "lora", "loraplus_ratio": 16.0},
-    "r8-lr5e-4": {"method": "lora", "r": 8, "alpha": 16, "lr": 5e-4},
+    "loraplus16": {"method": "lora", "loraplus_ratio": 16.0, "rslora": False},
+    "r8-lr5e-4": {"method": "lora", "r": 8, "alpha": 16, "lr": 5e-4, "rslora": False},
     "full-2e-5": {"method": "full", "lr": 2e-5},
     "full-5e-5": {"method": "full", "lr": 5e-5},
     "full-1e-4": {"method": "full", "lr": 1e-4},

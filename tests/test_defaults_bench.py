@@ -52,3 +52,23 @@ def test_a_run_trains_with_the_defaults_and_scores_the_asked_split(bench, tmp_pa
     assert bench.CONFIGS["default"] == {"method": "lora"}
     qv = bench.run_one("sst2", "qv-r8", "test", 0, 1, {"epochs": 1})  # "qv" maps to BERT's own module names
     assert qv["scored_rows"] == 4 and qv["trainable"] < out["trainable"]
+
+
+def test_lora_defaults_are_the_grids_choice_and_a_ported_alpha_keeps_peft_scaling():
+    from graft import recipe
+    from graft.options import OptionError
+
+    method = recipe.build_method(recipe.Job(method="lora"))
+    assert (method.r, method.alpha, method.rslora, method.targets) == (16, 32, True, "all-linear")
+    assert TrainConfig().lr == 2e-4
+    # an alpha given is a config ported from peft / LLaMA-Factory / Axolotl: their alpha / r
+    assert not recipe.build_method(recipe.Job(method="lora", alpha=16.0)).rslora
+    assert recipe.build_method(recipe.Job(method="lora", alpha=16.0, rslora=True)).rslora
+    assert not recipe.build_method(recipe.Job(method="lora", rslora=False)).rslora
+    assert not recipe.split_options({"use_rslora": False, "data": "x.jsonl"})[0].rslora  # the peft / LF key
+    with pytest.raises(OptionError, match="rsLoRA"):
+        recipe.Job(method="rslora", rslora=False)
+    with pytest.raises(OptionError, match="every weight"):
+        recipe.Job(method="full", rslora=True)
+    with pytest.raises(OptionError, match="rslora"):  # a method without the setting says so
+        recipe.build_method(recipe.Job(method="ia3", rslora=True))

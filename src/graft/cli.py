@@ -237,7 +237,7 @@ TRAIN_FLAGS = [
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
                        "child-tuning, probe or full; qlora = lora with --quantize nf4")),
     ("--r", int, "LoRA rank (default 16; for methods with a rank)"),
-    ("--alpha", float, "LoRA alpha (default 32)"),
+    ("--alpha", float, "LoRA alpha (default 32, scaling alpha/sqrt(r); a given alpha scales alpha/r, see --rslora)"),
     ("--dropout", float, "LoRA dropout (default 0)"),
     ("--targets", str, "comma-separated module names, a regex, or all-linear (LoRA default)"),
     ("--quantize", str, "nf4, fp4 or int8: train on a bitsandbytes-quantized base (QLoRA: nf4)"),
@@ -282,6 +282,8 @@ TRAIN_FLAGS = [
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
+    ("--rslora", ("LoRA family: scale by alpha/sqrt(r) (default on, unless --alpha is given); --no-rslora: "
+                  "alpha/r, peft's default")),
     ("--train-on-prompt", "supervise the prompt tokens too"),
     ("--chat-template", "render prompts with the tokenizer's chat template"),
     ("--gradient-checkpointing", "recompute activations in backward to save memory"),

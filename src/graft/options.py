@@ -134,6 +134,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "lora_rank": ("r", None),
     "lora_alpha": ("alpha", None),
     "lora_dropout": ("dropout", None),
+    "use_rslora": ("rslora", None),
     "lora_target": ("targets", _targets),
     "target_modules": ("targets", _targets),
     "output_dir": ("out_dir", None),

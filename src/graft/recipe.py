@@ -35,6 +35,11 @@ METHOD_CLASSES = {
 METHODS = (*METHOD_CLASSES, "full")
 logger = logging.getLogger(__name__)
 LORA_FAMILY = ("lora", "rslora", "dora")
+# `graft train`'s LoRA scales by alpha / sqrt(r) (rsLoRA) unless told --no-rslora or given an alpha: on the
+# defaults grid (docs/benchmarks.md, "LoRA defaults") it closed the gap to full fine-tuning that alpha / r left
+# at the same lr. An alpha given (a config ported from peft, LLaMA-Factory, Axolotl) keeps their alpha / r, and
+# graft.LoRA itself keeps peft's alpha / r default, so code and configs ported from peft mean what they meant.
+DEFAULT_RSLORA = True
 SETTING_EXAMPLES = {"num_virtual_tokens": 20}  # values to show for a required method setting left out
 
 
@@ -59,12 +64,14 @@ class Job:
     packing: bool = True
     method: str = "lora"
     method_args: dict | None = None  # the method's own settings, e.g. {num_virtual_tokens: 20}
-    # r, alpha, dropout, targets: None = not given. The LoRA family then takes r 16, alpha 32, dropout 0,
-    # all-linear; another method takes its own default, and a setting it lacks is an error.
+    # r, alpha, dropout, targets, rslora: None = not given. The LoRA family then takes r 16, alpha 32,
+    # dropout 0, all-linear, rsLoRA scaling alpha / sqrt(r) (alpha / r when alpha is given): DEFAULT_RSLORA;
+    # another method takes its own default, and a setting it lacks is an error.
     r: int | None = None
     alpha: float | None = None
     dropout: float | None = None
     targets: str | None = None
+    rslora: bool | None = None
     text_field: str | None = None
     label_field: str | None = None
     limit: int | None = None
@@ -121,8 +128,11 @@ class Job:
             raise OptionError("{method_args} are for the other methods; {method} takes {r}, {alpha}, {dropout}, "
                               "{targets}", method_args=NAME, method=self.method, r=NAME, alpha=NAME,
                               dropout=NAME, targets=NAME)
+        if self.method == "rslora" and self.rslora is False:
+            raise OptionError("{method} is LoRA with rsLoRA scaling; with {rslora} give {method__lora}",
+                              method="rslora", rslora=False, method__lora="lora")
         if self.method == "full":
-            given = {k: NAME for k in ("r", "alpha", "dropout", "targets") if getattr(self, k) is not None}
+            given = {k: NAME for k in ("r", "alpha", "dropout", "targets", "rslora") if getattr(self, k) is not None}
             if given:
                 raise OptionError(f"{{method}} trains every weight: {' and '.join(f'{{{k}}}' for k in given)} "
                                   f"{'does' if len(given) == 1 else 'do'} not apply", method="full", **given)
@@ -318,14 +328,16 @@ def build_method(job: Job):
     if job.method == "full":
         return None
     if job.method in LORA_FAMILY:
+        # Not said: rsLoRA with graft's own alpha; an alpha given (ported from peft) keeps peft's alpha / r.
+        rslora = (DEFAULT_RSLORA and job.alpha is None) if job.rslora is None else job.rslora
         return graft.LoRA(r=16 if job.r is None else job.r, alpha=32 if job.alpha is None else job.alpha,
                           dropout=job.dropout or 0.0, targets=_targets(job.targets or "all-linear"),
-                          rslora=job.method == "rslora", dora=job.method == "dora", init=job.init)
+                          rslora=rslora or job.method == "rslora", dora=job.method == "dora", init=job.init)
     cls = getattr(graft, METHOD_CLASSES[job.method])
     args = dict(job.method_args or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     settings = ", ".join(sorted(fields))
-    for key in ("r", "alpha", "dropout", "targets"):  # the LoRA flags: passed on where the method has the setting
+    for key in ("r", "alpha", "dropout", "targets", "rslora"):  # the LoRA flags: where the method has the setting
         value = getattr(job, key)
         if value is None:
             continue
