@@ -153,13 +153,16 @@ def table(path: Path) -> None:
                 rows = [r for r in done if (r["train_rows"], r["epochs"]) == budget]
                 print(f"\n{task} ({TASKS[task]['model']}), scored on {split} ({rows[0]['scored_rows']} rows), "
                       f"{budget[0]} train rows, {budget[1]} epochs\n")
-                print("| config | options | accuracy | loss | trainable | steps | train s | peak RSS |")
-                print("|---|---|---|---|---|---|---|---|")
+                other = "test" if split == "val" else "val"
+                print(f"| config | options | {split} accuracy | {split} loss | {other} accuracy | trainable | steps "
+                      "| train s | peak RSS |")
+                print("|---|---|---|---|---|---|---|---|---|")
                 for r in sorted(rows, key=lambda r: -r["accuracy"]):
                     opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+                    seen = r.get(f"{other}_accuracy")
                     print(f"| {r['config']} (seed {r['seed']}) | {opts} | {100 * r['accuracy']:.1f}% | "
-                          f"{r['loss']:.4f} | {r['trainable']:,} | {r['steps']} | {r['train_s']:.0f} | "
-                          f"{r['peak_rss_mb']:,} MB |")
+                          f"{r['loss']:.4f} | {'-' if seen is None else f'{100 * seen:.1f}%'} | {r['trainable']:,} | "
+                          f"{r['steps']} | {r['train_s']:.0f} | {r['peak_rss_mb']:,} MB |")
 
 
 def main() -> None:
