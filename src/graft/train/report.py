@@ -84,7 +84,11 @@ class MLflow:
     def __init__(self, out_dir: Path, config: TrainConfig) -> None:
         mlflow = _require("mlflow", "mlflow")
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # graft's choice: a file store beside the run, which needs no database packages;
+            # MLflow 3.x refuses file stores unless told they are wanted (a user's own URI is left as given)
+            uri = (out_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "graft"))
         self.run = mlflow.start_run(run_name=out_dir.name)
