@@ -52,6 +52,7 @@ CONFIGS: dict[str, dict] = {
     "full-2e-5": {"method": "full", "lr": 2e-5},
     "full-5e-5": {"method": "full", "lr": 5e-5},
     "full-1e-4": {"method": "full", "lr": 1e-4},
+    "full-2e-4": {"method": "full", "lr": 2e-4},
 }
 
 TASKS = {
