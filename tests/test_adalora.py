@@ -13,11 +13,12 @@ import warnings
 import pytest
 import torch
 from conftest import FACTORIES, batch_for, logits, perturb_adapters, tiny_llama
+from conftest import pad_collate as collate
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import SVDLinear as PeftSVDLinear
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file
-from test_train import collate, config, make_examples
+from test_train import config, make_examples
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import graft
@@ -27,17 +28,11 @@ from graft.core import adapter_parameters
 from graft.methods.adalora import SVDLinear, orthogonality_penalty, update_and_allocate
 from graft.train import causal_lm_loss, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
+
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 PREFIX = "base_model.model."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and deterministic (see test_train.py)
-    yield
-    torch.set_num_threads(threads)
 
 
 def svd_layers(model) -> dict[str, SVDLinear]:

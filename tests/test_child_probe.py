@@ -5,22 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch_for, logits, tiny_bert, tiny_llama
+from conftest import pad_collate as collate
 from safetensors.torch import load_file, save_file
-from test_train import bert_collate, collate, config, make_examples
+from test_train import bert_collate, config, make_examples
 
 import graft
 from graft.methods.child import ChildLinear, fisher_threshold
 from graft.train import causal_lm_loss, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
+
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

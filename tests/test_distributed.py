@@ -30,6 +30,8 @@ from graft.train import TrainConfig, epoch_batches, train
 from graft.train import checkpoint as ckpt
 from graft.train.distributed import DistConfig, global_order, shard_indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
+
 HERE = Path(__file__).resolve()
 WORLD = 2
 PER_RANK = 2  # examples per rank and micro-batch
@@ -47,9 +49,9 @@ def examples(n: int = N_EXAMPLES, seed: int = 0) -> list[dict[str, list[int]]]:
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    from test_train import collate as right_padded
+    from conftest import pad_collate
 
-    return right_padded(batch)
+    return pad_collate(batch)
 
 
 def packed_examples() -> list[Example]:
@@ -161,14 +163,6 @@ def launch(mode: str, out: Path, cli_inputs: tuple[Path, Path], timeout: float =
 
 # --------------------------------------------------------------------------------------------
 # Fixtures: one launch for the runs, the single-process references in this process
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

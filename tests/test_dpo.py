@@ -18,16 +18,10 @@ from graft.data import DataError
 from graft.train import TrainConfig, train
 from graft.train.dpo import DPOLoss, dpo_loss, precompute_reference, sequence_logps
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
+
 CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
         "{% if add_generation_prompt %}<assistant> {% endif %}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, batch_for, logits, tiny_llama
+from conftest import pad_collate as collate
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,17 +21,10 @@ from graft.methods.relora import ReloraLinear, reset_optimizer_state
 from graft.train import TrainConfig, build_optimizer, build_scheduler, evaluate, train
 from graft.train.optim import CosineRestarts
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
+
 DATA = Path(__file__).resolve().parent / "data" / "gsm8k_train_sample.jsonl"
 MAX_LEN = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest, and reproducibly, on one thread (see tests/test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,16 +40,6 @@ def gsm8k_chars() -> list[dict[str, list[int]]]:
         ids = [ord(c) - 32 if 32 <= ord(c) < 32 + VOCAB else 0 for c in text][:MAX_LEN]
         out.append({"input_ids": ids, "labels": ids})
     return out
-
-
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    pad = [width - len(b["input_ids"]) for b in batch]
-    return {
-        "input_ids": torch.tensor([b["input_ids"] + [0] * p for b, p in zip(batch, pad)]),
-        "labels": torch.tensor([b["labels"] + [-100] * p for b, p in zip(batch, pad)]),
-        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * p for b, p in zip(batch, pad)]),
-    }
 
 
 def relora_llama(seed: int = 0, **kw) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, perturb_adapters, tiny_bert, tiny_llama
+from conftest import pad_collate as collate
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,17 +33,9 @@ from graft.train import checkpoint as ckpt
 from graft.train.loss import selective_fallback_reason
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with two, a busy machine makes OpenMP's spinning threads
-    wait on each other (measured: 10 tiny steps take 9 s instead of 0.04 s). The subprocess runs of the
-    resume test use one thread too, so all runs share one kernel configuration."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models, one thread: the subprocess runs of the resume test use one thread too, so all runs share
+# one kernel configuration.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,16 +51,6 @@ def make_examples(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
         ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return out
-
-
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    pad = [width - len(b["input_ids"]) for b in batch]
-    return {
-        "input_ids": torch.tensor([b["input_ids"] + [0] * p for b, p in zip(batch, pad)]),
-        "labels": torch.tensor([b["labels"] + [-100] * p for b, p in zip(batch, pad)]),
-        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * p for b, p in zip(batch, pad)]),
-    }
 
 
 def lora_llama(seed: int = 0, **lora) -> LlamaForCausalLM:

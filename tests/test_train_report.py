@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import pad_collate as collate
 from conftest import tiny_llama
 from safetensors.torch import load_file
 from test_dpo import pair_rows, word_tokenizer
@@ -19,13 +20,7 @@ from graft.train import TrainConfig, train
 from graft.train.callbacks import StepInfo
 from graft.train.report import outputs_summary
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from threads
 
 
 def make_examples(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -36,16 +31,6 @@ def make_examples(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
         prompt = torch.randint(10, 90, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
         out.append({"input_ids": prompt + [5, 6, 7, 8], "labels": [-100] * len(prompt) + [5, 6, 7, 8]})
     return out
-
-
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    pad = [width - len(b["input_ids"]) for b in batch]
-    return {
-        "input_ids": torch.tensor([b["input_ids"] + [0] * p for b, p in zip(batch, pad)]),
-        "labels": torch.tensor([b["labels"] + [-100] * p for b, p in zip(batch, pad)]),
-        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * p for b, p in zip(batch, pad)]),
-    }
 
 
 def lora_llama(seed: int = 0) -> torch.nn.Module:
