@@ -101,22 +101,12 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def library_entries(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The adapters a library's ``manifest.json`` lists: ``{name, path (absolute), description}`` each."""
-    path = Path(path)
-    file = path / "manifest.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not an adapter library: it has no manifest.json")
-    manifest = json.loads(file.read_text(encoding="utf-8"))
-    items = manifest.get("adapters") if isinstance(manifest, dict) else None
-    if not isinstance(items, list):
-        raise ValueError(f"{file} has no 'adapters' list")  # noqa: TRY004 (a user file)
-    out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "path")):
-            raise ValueError(f"{file}: adapters[{i}] needs string 'name' and 'path'")
-        out.append({"name": item["name"], "path": str(path / item["path"]),
-                    "description": item.get("description") or ""})
-    return out
+    """The adapters of the library at ``path`` (``Library.open`` checks it): ``{name, path, description}`` each."""
+    from graft.compose.library import Library
+
+    library = Library.open(path)
+    return [{"name": e.name, "path": str(library.path_of(e.name)), "description": e.description}
+            for e in library.entries]
 
 
 def select_entries(entries: list[dict[str, str]], k: int, select: str, description: str | None,
