@@ -114,6 +114,8 @@ def test_finished_run_is_not_overwritten_without_overwrite(decoder, alpaca, tmp_
     out = tmp_path / "run"
     assert train_cli(*lora_args(decoder, alpaca, out, "--max-steps", "1", "--save-every", "1"))[0] == 0
     (out / "merged").mkdir()  # e.g. `graft merge --out run/merged` of the first adapter
+    (out / "tensorboard").mkdir()  # as `--report-to tensorboard` leaves it
+    (out / "tensorboard" / "events.out.tfevents.1").write_bytes(b"old run")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     rc, _, err = train_cli(*lora_args(decoder, alpaca, out, "--max-steps", "2"))
@@ -125,6 +127,7 @@ def test_finished_run_is_not_overwritten_without_overwrite(decoder, alpaca, tmp_
         rc, _, _ = train_cli(*lora_args(decoder, alpaca, out, "--max-steps", "2", "--overwrite"))
     assert rc == 0
     assert not (out / "checkpoint-1").exists()  # the earlier run's checkpoint went with it
+    assert not (out / "tensorboard").exists()  # and its reporter logs, which would mix two runs' curves
     assert [m["step"] for m in metrics(out)] == [1, 2]
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "removed the earlier run's adapter" in warned and "merged/" in warned and "may not match" in warned

@@ -1,7 +1,8 @@
 """A run's output directory: what an earlier run left there, and whether this run may write over it.
 
 ``graft train`` writes ``adapter/`` (or ``model/``), ``checkpoint-<step>/``, ``metrics.jsonl``,
-``loss.png`` and ``job.json``. A new run into a directory that holds anything is refused unless it
+``loss.png``, ``job.json`` and, with ``--report-to``, the reporters' local logs (``tensorboard/``,
+``wandb/``, ``mlruns/``). A new run into a directory that holds anything is refused unless it
 continues the run there (``resume``) or replaces it (``overwrite``: the earlier run's files are
 removed first, and whatever else is there, such as a ``merged/`` model built from the earlier
 adapter, is named, since it no longer matches the new one).
@@ -17,10 +18,11 @@ from pathlib import Path
 from graft.options import NAME, OptionError
 from graft.train import checkpoint as ckpt
 from graft.train.monitor import METRICS_NAME, PLOT_NAME
+from graft.train.report import REPORT_DIRS
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("adapter", "model", "job.json", METRICS_NAME, PLOT_NAME)  # besides checkpoint-<step>/
+RUN_FILES = ("adapter", "model", "job.json", METRICS_NAME, PLOT_NAME, *REPORT_DIRS)  # besides checkpoint-<step>/
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,9 @@ def check(out_dir: str | Path | None, resume: bool, overwrite: bool) -> Contents
         what = "a finished run" if any(p.name in ("adapter", "model") for p in found.run) else (
             "an unfinished run" if found.checkpoints else "files")
         can_resume = " or {resume} to continue it" if found.checkpoints else ""
-        raise OptionError(f"{out_dir} already holds {what} ({names(found.run + found.checkpoints + found.other)}); "
+        own, other = found.run + found.checkpoints, found.other
+        held = "; beside it ".join(names(group) for group in (own, other) if group)  # other files: never hidden
+        raise OptionError(f"{out_dir} already holds {what} ({held}); "
                           f"give {{overwrite}} to replace it{can_resume}, or another {{out_dir}}",
                           overwrite=True, resume=True, out_dir=NAME)
     return found

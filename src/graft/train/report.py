@@ -18,6 +18,7 @@ from typing import Any
 from graft.train.config import TrainConfig
 
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+REPORT_DIRS = ("tensorboard", "wandb", "mlruns")  # what each backend writes under out_dir by default
 # Record keys that are positions, not measurements.
 NOT_METRICS = ("step",)
 
