@@ -49,10 +49,13 @@ CONFIGS: dict[str, dict] = {
     "rslora-lr5e-4": {"method": "rslora", "lr": 5e-4},
     "loraplus16": {"method": "lora", "loraplus_ratio": 16.0, "rslora": False},
     "r8-lr5e-4": {"method": "lora", "r": 8, "alpha": 16, "lr": 5e-4, "rslora": False},
+    "head10": {"method": "lora", "head_lr_ratio": 10.0},  # the default, its new head at 10x lr
+    "head5": {"method": "lora", "head_lr_ratio": 5.0},
     "full-2e-5": {"method": "full", "lr": 2e-5},
     "full-5e-5": {"method": "full", "lr": 5e-5},
     "full-1e-4": {"method": "full", "lr": 1e-4},
     "full-2e-4": {"method": "full", "lr": 2e-4},
+    "full-5e-4": {"method": "full", "lr": 5e-4},
 }
 
 TASKS = {

@@ -25,6 +25,7 @@ from graft.train import (
     build_scheduler,
     causal_lm_loss,
     epoch_batches,
+    head_parameters,
     lora_b_parameters,
     supervised_count,
     train,
@@ -207,6 +208,23 @@ def test_loraplus_groups_found_structurally():
 
     with pytest.raises(ValueError, match="loraplus_ratio=2.0 needs trainable LoRA B"):
         build_optimizer(tied_llama(), config(loraplus_ratio=2.0))
+
+
+def test_head_lr_ratio_puts_the_new_head_alone_in_its_group():
+    model = graft.attach(tiny_bert(), graft.LoRA(r=2, targets=["query", "value"]))  # + classifier (modules_to_save)
+    head = {id(p) for p in head_parameters(model)}
+    copies = [m for n, m in model.named_modules() if n.endswith("modules_to_save.default")]
+    assert copies and head == {id(p) for m in copies for p in m.parameters()}  # the trained copy, not the base
+    opt = build_optimizer(model, config(lr=1e-3, head_lr_ratio=10.0, loraplus_ratio=4.0, weight_decay=0.1))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert {id(p) for name in ("head", "head_no_decay") for p in groups[name]["params"]} == head
+    assert groups["head"]["lr"] == pytest.approx(1e-2) and groups["head_no_decay"]["weight_decay"] == 0.0
+    assert groups["base"]["lr"] == pytest.approx(1e-3) and groups["loraplus"]["lr"] == pytest.approx(4e-3)
+    assert "loraplus_no_decay" not in groups  # the only trainable vector, the head's bias, stays with the head
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(id(p) for p in trainable)
+    plain = {g["name"] for g in build_optimizer(model, config(lr=1e-3)).param_groups}
+    assert plain == {"base", "base_no_decay"}  # no ratio: the head trains at lr, as before
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -460,6 +478,7 @@ def test_bf16_autocast_matches_fp32_loosely():
     ({"autocast": "int8"}, "autocast='int8' is not one of ('bf16', 'fp16', None)"),
     ({"task": "seq2seq"}, "task='seq2seq'"),
     ({"loraplus_ratio": 0.5}, "loraplus_ratio=0.5 must be a finite number >= 1.0"),
+    ({"head_lr_ratio": 0.0}, "head_lr_ratio=0.0 must be a finite number > 0.0"),
     ({"warmup_ratio": 1.5}, "warmup_ratio=1.5 must be in [0, 1)"),
     ({"warmup_steps": 2, "warmup_ratio": 0.1}, "use one"),
     ({"save_every": 5}, "save_every=5 needs out_dir"),

@@ -255,6 +255,7 @@ TRAIN_FLAGS = [
     ("--weight-decay", float, "decoupled weight decay"),
     ("--optimizer", str, "adamw or adamw8bit"),
     ("--loraplus-ratio", float, "LoRA+: lr of B = ratio x lr"),
+    ("--head-lr-ratio", float, "lr of a head trained in full next to the adapter (a new classifier) = ratio x lr"),
     ("--schedule", str, "cosine, linear or constant"),
     ("--warmup-steps", int, "linear warmup steps"),
     ("--warmup-ratio", float, "warmup as a fraction of all steps"),

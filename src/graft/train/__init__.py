@@ -11,7 +11,14 @@ from graft.train.distributed import DistConfig
 from graft.train.dpo import DPOLoss, dpo_loss, precompute_reference
 from graft.train.loop import TrainResult, epoch_batches, evaluate, planned_steps, train
 from graft.train.loss import causal_lm_loss, supervised_count
-from graft.train.optim import Schedule, build_optimizer, build_scheduler, lora_b_parameters, param_groups
+from graft.train.optim import (
+    Schedule,
+    build_optimizer,
+    build_scheduler,
+    head_parameters,
+    lora_b_parameters,
+    param_groups,
+)
 
 __all__ = [
     "DPOLoss",
@@ -28,6 +35,7 @@ __all__ = [
     "dpo_loss",
     "epoch_batches",
     "evaluate",
+    "head_parameters",
     "lora_b_parameters",
     "param_groups",
     "planned_steps",

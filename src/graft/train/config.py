@@ -38,6 +38,9 @@ class TrainConfig:
         optimizer: "adamw" (torch) or "adamw8bit" (bitsandbytes, 8-bit optimizer states).
         loraplus_ratio: LoRA+ (Hayou et al. 2024): train LoRA B matrices, and every trainable
             vector, at ``ratio x lr`` (>= 1); None trains everything at ``lr``.
+        head_lr_ratio: Train the modules an adapter trains in full (``modules_to_save``: a new
+            classification head) at ``ratio x lr`` (> 0): they start from scratch, where the adapter
+            only nudges pretrained weights. None trains them at ``lr``.
         schedule: "cosine", "linear" (both decay to 0 at the last step) or "constant", after warmup;
             or "cosine_restarts", ReLoRA's jagged cosine (Lialin et al. 2023): a cosine from the peak to
             ``min_lr_ratio x lr`` over the run, dropping to 0 every ``restart_every`` steps and warming
@@ -95,6 +98,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     loraplus_ratio: float | None = None
+    head_lr_ratio: float | None = None
     schedule: str = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
@@ -143,6 +147,8 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.loraplus_ratio is not None:
             _number("loraplus_ratio", self.loraplus_ratio, low=1.0)
+        if self.head_lr_ratio is not None:
+            _number("head_lr_ratio", self.head_lr_ratio, low=0.0, strict=True)
         _choice("schedule", self.schedule, SCHEDULES)
         _integer("warmup_steps", self.warmup_steps, low=0)
         _number("warmup_ratio", self.warmup_ratio, low=0.0)

@@ -8,6 +8,10 @@ biases trained with ``bias="all"``, a classifier head's bias) joins the fast gro
 compare with peft's. LoRA on embeddings (``lora_embedding_A/B``) stays at ``lr``: peft gives it a
 separate tiny rate (``loraplus_lr_embedding=1e-6``), a knob graft does not have.
 
+A head trained in full next to an adapter (``modules_to_save``, e.g. a new classifier) can take its
+own rate, ``head_lr_ratio x lr``: it starts from random weights, where the adapter only nudges
+pretrained ones (docs/benchmarks.md, "LoRA defaults"). It never joins the LoRA+ group.
+
 Weight decay applies to matrices only: vectors (biases, norm gains, the DoRA magnitude, whose
 decay would pull the weight norm towards zero) are never decayed.
 """
@@ -37,8 +41,16 @@ def lora_b_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every module trained in full next to an adapter (``modules_to_save`` copies)."""
+    from graft.methods.heads import ModulesToSave
+
+    return [p for _, layer in adapter_layers(model) if isinstance(layer, ModulesToSave)
+            for p in layer.modules_to_save.parameters()]
+
+
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """Trainable parameters in up to four groups: (base | LoRA+ fast) x (decayed | not decayed).
+    """Trainable parameters in up to six groups: (base | LoRA+ fast | head) x (decayed | not decayed).
 
     Raises:
         ValueError: Nothing is trainable, or ``loraplus_ratio`` is set on a model without LoRA.
@@ -46,6 +58,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     trainable = [p for p in model.parameters() if p.requires_grad]  # shared (tied) tensors once
     if not trainable:
         raise ValueError("the model has no trainable parameters; attach an adapter (graft.attach) or unfreeze some")
+    head = {id(p) for p in head_parameters(model) if p.requires_grad} if config.head_lr_ratio is not None else set()
     fast: set[int] = set()
     if config.loraplus_ratio is not None:
         b = [p for p in lora_b_parameters(model) if p.requires_grad]
@@ -54,20 +67,23 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
                 f"TrainConfig loraplus_ratio={config.loraplus_ratio!r} needs trainable LoRA B matrices, "
                 "but the model has none; attach graft.LoRA(...) or set loraplus_ratio=None"
             )
-        fast = {id(p) for p in b} | {id(p) for p in trainable if p.ndim < 2}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        fast = ({id(p) for p in b} | {id(p) for p in trainable if p.ndim < 2}) - head
+    ratio = {"base": 1.0, "loraplus": config.loraplus_ratio, "head": config.head_lr_ratio}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in trainable:
-        groups.setdefault((id(p) in fast, p.ndim >= 2), []).append(p)
+        kind = "head" if id(p) in head else "loraplus" if id(p) in fast else "base"
+        groups.setdefault((kind, p.ndim >= 2), []).append(p)
     out = []
-    for is_fast, decayed in ((False, True), (False, False), (True, True), (True, False)):
-        params = groups.get((is_fast, decayed))
-        if params:
-            out.append({
-                "params": params,
-                "name": ("loraplus" if is_fast else "base") + ("" if decayed else "_no_decay"),
-                "lr": config.lr * (config.loraplus_ratio if is_fast else 1.0),
-                "weight_decay": config.weight_decay if decayed else 0.0,
-            })
+    for kind in ("base", "loraplus", "head"):
+        for decayed in (True, False):
+            params = groups.get((kind, decayed))
+            if params:
+                out.append({
+                    "params": params,
+                    "name": kind + ("" if decayed else "_no_decay"),
+                    "lr": config.lr * ratio[kind],
+                    "weight_decay": config.weight_decay if decayed else 0.0,
+                })
     return out
 
 
