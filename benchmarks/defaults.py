@@ -51,6 +51,8 @@ CONFIGS: dict[str, dict] = {
     "r8-lr5e-4": {"method": "lora", "r": 8, "alpha": 16, "lr": 5e-4, "rslora": False},
     "head10": {"method": "lora", "head_lr_ratio": 10.0},  # the default, its new head at 10x lr
     "head5": {"method": "lora", "head_lr_ratio": 5.0},
+    "lr4e-4-head5": {"method": "lora", "lr": 4e-4, "head_lr_ratio": 5.0},  # rsLoRA at 2x lr, the head at 2e-3
+    "alpha-r-lr5e-4-head4": {"method": "lora", "lr": 5e-4, "head_lr_ratio": 4.0, "rslora": False},
     "full-2e-5": {"method": "full", "lr": 2e-5},
     "full-5e-5": {"method": "full", "lr": 5e-5},
     "full-1e-4": {"method": "full", "lr": 1e-4},
@@ -113,7 +115,8 @@ def run_one(task: str, config: str, split: str, seed: int, threads: int, sizes: 
         model, tok, result = recipe.run(job, cfg)
         seconds = time.perf_counter() - t0
         torch.set_num_threads(threads)
-        label_map = json.loads((Path(tmp) / "out" / "job.json").read_text())["label_map"]
+        settings = json.loads((Path(tmp) / "out" / "job.json").read_text())
+        label_map, autocast = settings["label_map"], settings["train"]["autocast"]  # --dtype auto's choice
         collate = recipe.make_collate(model, tok, job.max_length, packed=False)
         metrics = {}
         for part in dict.fromkeys((split, "val", "test")):  # the asked split first; both are recorded
@@ -122,7 +125,7 @@ def run_one(task: str, config: str, split: str, seed: int, threads: int, sizes: 
             metrics[part] = evaluate(model, scored, collate, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"task": task, "config": config, "split": split, "seed": seed, "options": CONFIGS[config],
-            "epochs": spec["epochs"],
+            "epochs": spec["epochs"], "autocast": autocast,
             "accuracy": metrics[split]["eval_accuracy"], "loss": metrics[split]["eval_loss"],
             "val_accuracy": metrics["val"]["eval_accuracy"], "test_accuracy": metrics["test"]["eval_accuracy"],
             "steps": result.steps,
