@@ -52,6 +52,7 @@ CONFIGS: dict[str, dict] = {
     "head10": {"method": "lora", "head_lr_ratio": 10.0},  # the default, its new head at 10x lr
     "head5": {"method": "lora", "head_lr_ratio": 5.0},
     "lr4e-4-head5": {"method": "lora", "lr": 4e-4, "head_lr_ratio": 5.0},  # rsLoRA at 2x lr, the head at 2e-3
+    "lr1e-3-warmup": {"method": "lora", "lr": 1e-3, "rslora": False, "warmup_ratio": 0.1},
     "alpha-r-lr5e-4-head4": {"method": "lora", "lr": 5e-4, "head_lr_ratio": 4.0, "rslora": False},
     "full-2e-5": {"method": "full", "lr": 2e-5},
     "full-5e-5": {"method": "full", "lr": 5e-5},
