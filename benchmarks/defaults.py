@@ -53,7 +53,7 @@ CONFIGS: dict[str, dict] = {
     "head5": {"method": "lora", "head_lr_ratio": 5.0},
     "lr4e-4-head5": {"method": "lora", "lr": 4e-4, "head_lr_ratio": 5.0},  # rsLoRA at 2x lr, the head at 2e-3
     "lr1e-3-warmup": {"method": "lora", "lr": 1e-3, "rslora": False, "warmup_ratio": 0.1},
-    "alpha-r-lr5e-4-head4": {"method": "lora", "lr": 5e-4, "head_lr_ratio": 4.0, "rslora": False},
+    "alpha-r-lr5e-4-head4": {"method": "lora", "lr": 5e-4, "head_lr_ratio": 4.0, "rslora": False, "warmup_ratio": 0.1},
     "full-2e-5": {"method": "full", "lr": 2e-5},
     "full-5e-5": {"method": "full", "lr": 5e-5},
     "full-1e-4": {"method": "full", "lr": 1e-4},
