@@ -114,7 +114,7 @@ def test_inspect_json(trained, model_dir, capsys):
     assert main(["inspect", str(trained.adapter), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     tensors = load_file(trained.adapter / WEIGHTS_NAME)
-    assert info["method"] == "LORA" and info["r"] == 4 and info["variant"] == ["use_rslora"]  # the default
+    assert info["method"] == "LORA" and info["r"] == 4 and info["variant"] is None  # plain LoRA
     assert sorted(info["targets"]) == ["q_proj", "v_proj"]
     assert info["tensors"] == len(tensors) == 4  # lora_A and lora_B of q_proj and v_proj, one layer
     assert info["parameters"] == sum(t.numel() for t in tensors.values())

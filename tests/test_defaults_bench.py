@@ -54,18 +54,39 @@ def test_a_run_trains_with_the_defaults_and_scores_the_asked_split(bench, tmp_pa
     assert qv["scored_rows"] == 4 and qv["trainable"] < out["trainable"]
 
 
-def test_lora_defaults_are_the_grids_choice_and_a_ported_alpha_keeps_peft_scaling():
+def test_lora_defaults_are_the_grids_choice(bench):
+    from graft import recipe
+
+    def defaults(**options):
+        job, config = recipe.split_options({"data": "x.jsonl", **options})
+        return recipe.build_method(job), config
+
+    method, config = defaults()
+    assert (method.r, method.alpha, method.rslora, method.targets) == (16, 32, False, "all-linear")  # peft's alpha / r
+    assert (config.lr, config.warmup_ratio, config.head_lr_ratio) == (5e-4, 0.1, None)  # causal LM: no new head
+    _, config = defaults(task="classification")
+    assert (config.lr, config.warmup_ratio, config.head_lr_ratio) == (5e-4, 0.1, 4.0)
+    # what a user gives wins, under graft's names and other tools' (learning_rate: the Trainer's)
+    _, config = defaults(task="classification", learning_rate=1e-4, warmup_steps=3, head_lr_ratio=1.0)
+    assert (config.lr, config.warmup_steps, config.warmup_ratio, config.head_lr_ratio) == (1e-4, 3, 0.0, 1.0)
+    # rsLoRA scales 4x higher at r 16 and keeps 2e-4; other methods, full fine-tuning and DPO: TrainConfig's own
+    assert defaults(method="rslora")[1].lr == defaults(rslora=True)[1].lr == 2e-4
+    for options in ({"method": "ia3"}, {"method": "full"}, {"objective": "dpo"}):
+        assert (defaults(**options)[1].lr, defaults(**options)[1].warmup_ratio) == (TrainConfig().lr, 0.0)
+    assert TrainConfig().lr == 2e-4 and TrainConfig().head_lr_ratio is None  # Python API: the Trainer's convention
+    # the default is the grid's chosen config, spelled out in benchmarks/defaults.py
+    chosen = {k: v for k, v in bench.CONFIGS["alpha-r-lr5e-4-head4"].items() if k != "rslora"}
+    assert defaults(task="classification") == defaults(task="classification", **chosen)
+
+
+def test_rslora_is_asked_for_by_name_or_flag():
     from graft import recipe
     from graft.options import OptionError
 
-    method = recipe.build_method(recipe.Job(method="lora"))
-    assert (method.r, method.alpha, method.rslora, method.targets) == (16, 32, True, "all-linear")
-    assert TrainConfig().lr == 2e-4
-    # an alpha given is a config ported from peft / LLaMA-Factory / Axolotl: their alpha / r
-    assert not recipe.build_method(recipe.Job(method="lora", alpha=16.0)).rslora
     assert recipe.build_method(recipe.Job(method="lora", alpha=16.0, rslora=True)).rslora
+    assert recipe.build_method(recipe.Job(method="rslora")).rslora
     assert not recipe.build_method(recipe.Job(method="lora", rslora=False)).rslora
-    assert not recipe.split_options({"use_rslora": False, "data": "x.jsonl"})[0].rslora  # the peft / LF key
+    assert recipe.split_options({"use_rslora": True, "data": "x.jsonl"})[0].rslora  # the peft / LF key
     with pytest.raises(OptionError, match="rsLoRA"):
         recipe.Job(method="rslora", rslora=False)
     with pytest.raises(OptionError, match="every weight"):

@@ -237,7 +237,7 @@ TRAIN_FLAGS = [
     ("--method", str, ("lora, rslora, dora, ia3, adapter, prompt-tuning, p-tuning, prefix-tuning, bitfit, "
                        "child-tuning, probe or full; qlora = lora with --quantize nf4")),
     ("--r", int, "LoRA rank (default 16; for methods with a rank)"),
-    ("--alpha", float, "LoRA alpha (default 32, scaling alpha/sqrt(r); a given alpha scales alpha/r, see --rslora)"),
+    ("--alpha", float, "LoRA alpha (default 32; scaling alpha/r, or alpha/sqrt(r) with --rslora)"),
     ("--dropout", float, "LoRA dropout (default 0)"),
     ("--targets", str, "comma-separated module names, a regex, or all-linear (LoRA default)"),
     ("--quantize", str, "nf4, fp4 or int8: train on a bitsandbytes-quantized base (QLoRA: nf4)"),
@@ -251,11 +251,13 @@ TRAIN_FLAGS = [
     ("--max-steps", int, "optimizer steps (overrides --epochs)"),
     ("--batch-size", int, "examples per micro-batch"),
     ("--grad-accum", int, "micro-batches per optimizer step"),
-    ("--lr", float, "peak learning rate"),
+    ("--lr", float, ("peak learning rate (LoRA: 5e-4 after a 10% warmup, rsLoRA 2e-4; other methods and DPO: "
+                     "2e-4)")),
     ("--weight-decay", float, "decoupled weight decay"),
     ("--optimizer", str, "adamw or adamw8bit"),
     ("--loraplus-ratio", float, "LoRA+: lr of B = ratio x lr"),
-    ("--head-lr-ratio", float, "lr of a head trained in full next to the adapter (a new classifier) = ratio x lr"),
+    ("--head-lr-ratio", float, ("lr of a head trained in full next to the adapter (a new classifier) = ratio x lr "
+                                "(LoRA default 4)")),
     ("--schedule", str, "cosine, linear or constant"),
     ("--warmup-steps", int, "linear warmup steps"),
     ("--warmup-ratio", float, "warmup as a fraction of all steps"),
@@ -283,8 +285,7 @@ TRAIN_FLAGS = [
 ]
 TRAIN_SWITCHES = [
     ("--packing", "pack several examples per row (default on for causal LM)"),
-    ("--rslora", ("LoRA family: scale by alpha/sqrt(r) (default on, unless --alpha is given); --no-rslora: "
-                  "alpha/r, peft's default")),
+    ("--rslora", "LoRA family: scale by alpha/sqrt(r) (rsLoRA); default off: alpha/r, as peft"),
     ("--train-on-prompt", "supervise the prompt tokens too"),
     ("--chat-template", "render prompts with the tokenizer's chat template"),
     ("--gradient-checkpointing", "recompute activations in backward to save memory"),
