@@ -27,19 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-
-
-def rows(n: int) -> list[dict]:
-    out = []
-    with open(DATA) as f:
-        for line in f:
-            r = json.loads(line)
-            out.append({"instruction": r["question"], "input": "", "output": r["answer"]})
-            if len(out) == n:
-                break
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import DATA, rows  # benchmarks/train.py: the same GSM8K rows in the Alpaca fields
 
 
 def vm_rss_mb() -> float:

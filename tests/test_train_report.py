@@ -234,7 +234,7 @@ def test_cli_preference_rows_need_the_dpo_objective(tmp_path, tiny_model_dir, ca
     assert code == 2 and "--objective dpo" in capsys.readouterr().err
     code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(prefs), "--objective", "dpo",
                      "--format", "chat", "--out", str(tmp_path / "b")])
-    assert code == 2 and "does not apply to objective=dpo" in capsys.readouterr().err
+    assert code == 2 and "--format chat does not apply to --objective dpo" in capsys.readouterr().err  # CLI words
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "adapter").exists()
 
 

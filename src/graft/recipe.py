@@ -439,14 +439,15 @@ def prepare(job: Job, config: TrainConfig, info: dict[str, Any] | None = None):
           **({"system": job.system} if job.system is not None else {})}
     pairs = config.objective == "dpo"
     if not pairs and data.is_preference_row(records[0].data):
-        raise ValueError(f"{records[0].where} has 'chosen' and 'rejected': preference pairs train with "
-                         "objective=dpo (--objective dpo)")
+        raise OptionError(f"{records[0].where} has 'chosen' and 'rejected': preference pairs train with {{objective}}",
+                          objective="dpo")
     if pairs:
         if job.format is not None:
-            raise ValueError(f"format={job.format!r} does not apply to objective=dpo: preference rows are "
-                             "prompt / chosen / rejected (strings or message lists)")
+            raise OptionError("{format} does not apply to {objective}: preference rows are prompt / chosen / "
+                              "rejected (strings or message lists)", format=job.format, objective="dpo")
         if job.train_on_prompt:
-            raise ValueError("train_on_prompt does not apply to objective=dpo: DPO scores the responses only")
+            raise OptionError("{train_on_prompt} does not apply to {objective}: DPO scores the responses only",
+                              train_on_prompt=True, objective="dpo")
         kw = {"template": job.template, "max_length": job.max_length, "chat_template": job.chat_template}
         train_ex = data.tokenize_pairs(records, tokenizer, **kw)
         eval_ex = data.tokenize_pairs(eval_records, tokenizer, **kw) if eval_records else None
