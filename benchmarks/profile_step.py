@@ -265,6 +265,9 @@ def gemm_rates(dtype: torch.dtype, tokens: int, quick: bool, reps: int = 5) -> d
     """GFLOP/s of ``torch.mm`` per shape (median of ``reps`` after a warm-up)."""
     rates = {}
     gen = torch.Generator().manual_seed(0)
+    warm = torch.randn(1024, 1024, generator=gen).to(dtype)
+    for _ in range(5):  # the process's first GEMMs run slow (threads, pages): measured 64.7 vs 186 GFLOP/s
+        torch.mm(warm, warm)
     for label, m, k, n in gemm_shapes(tokens, quick):
         a = torch.randn(m, k, generator=gen).to(dtype)
         b = torch.randn(k, n, generator=gen).to(dtype)

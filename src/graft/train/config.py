@@ -55,6 +55,8 @@ class TrainConfig:
             [0, 1]; None takes ReLoRA's default 0.1.
         max_grad_norm: Clip the global gradient norm to this value; None or 0 disables clipping.
         gradient_checkpointing: Recompute each decoder layer's activations in backward.
+        compile: ``torch.compile`` each decoder layer for the run (inductor; graft.train.compile): about
+            1.13x per step on SmolLM2 on a CPU, after about 24 s of compiling; pays off on long runs.
         autocast: "bf16", "fp16" or None (fp32). On CPU, bf16 needs AVX512-BF16 or AMX.
         seed: Seeds python, numpy and torch at the start, and the data order of every epoch.
         eval_every: Evaluate every N steps (0: only at the end).
@@ -107,6 +109,7 @@ class TrainConfig:
     min_lr_ratio: float | None = None
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    compile: bool = False
     autocast: str | None = None
     seed: int = 0
     eval_every: int = 0
@@ -237,6 +240,7 @@ class TrainConfig:
             _integer("early_stopping_patience", self.early_stopping_patience, low=1)
         _number("early_stopping_threshold", self.early_stopping_threshold, low=0.0)
         _flag("keep_best", self.keep_best)
+        _flag("compile", self.compile)
         if (self.early_stopping_patience is not None or self.keep_best) and not self.eval_every:
             what = "early_stopping_patience" if self.early_stopping_patience is not None else "keep_best"
             raise ValueError(f"TrainConfig {what} needs evaluations during training: set eval_every (and give "

@@ -34,6 +34,7 @@ from graft.options import NAME, OptionError
 from graft.train import checkpoint as ckpt
 from graft.train import dpo
 from graft.train.callbacks import EarlyStopping, KeepBest, StepInfo
+from graft.train.compile import compiled_layers
 from graft.train.config import DATA_ORDER_FIELDS, TrainConfig
 from graft.train.distributed import DistConfig, Distributed
 from graft.train.distributed import setup as setup_distributed
@@ -211,6 +212,7 @@ def train(
         loss_fn, selective = _loss_fn(model, config, first)
         # Packed rows on the CPU: attention one example at a time, not over the whole masked row (exact).
         attention = packed_attention(model) if packed_applies(model, first, device) else contextlib.nullcontext()
+        compiled = compiled_layers(model, device) if config.compile else contextlib.nullcontext()
         if config.objective == "dpo" and config.precompute_ref:
             train_data, eval_data = (None if rows is None else dpo.precompute_reference(
                 model, rows, collate, config.batch_size or 8, logits_chunk=config.logits_chunk, selective=selective)
@@ -229,7 +231,7 @@ def train(
             hooks.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_threshold))
         reporters = Reporters(out_dir, config) if dist is None or dist.is_main else None
         try:
-            with attention:
+            with attention, compiled:
                 stopped = _run(model, train_data, collate, config, eval_data, device, lengths, total, loss_fn,
                                optimizer, scheduler, scaler, progress, selective, hooks, dist, reporters)
         finally:
