@@ -111,3 +111,23 @@ def test_applies_only_to_packed_fp32_batches_on_the_cpu_after_a_probe():
     assert model.config._attn_implementation == "sdpa" and model.training  # the probe leaves the model as it was
     assert not pa.applies(model, padded, cpu)  # an attention mask: not packed
     assert not pa.applies(model.to(torch.bfloat16), packed, cpu)  # the probe's exactness bar is for fp32
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_16_bit_attention_runs_in_fp32_on_a_cpu_without_amx(monkeypatch, amx):
+    """Without AMX the CPU's bf16 attention kernel is slower than fp32's: the pieces run in fp32, cast back."""
+    monkeypatch.setattr(pa, "_cpu_has_amx", lambda: amx)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 9, 8, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    pa._cache.clear()
+    out, _ = pa.packed_sdpa_forward(module, q, k, v, pa.block_causal(position_ids), position_ids=position_ids)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 9, 4, 8)
+    compute = torch.bfloat16 if amx else torch.float32
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[..., s:e, :].to(compute), k[..., s:e, :].to(compute), v[..., s:e, :].to(compute), is_causal=True,
+        enable_gqa=True) for s, e in ((0, 4), (4, 9))], dim=2).to(torch.bfloat16).transpose(1, 2)
+    assert torch.equal(out, want)
+    assert pa.upcast(q) is not amx and not pa.upcast(q.float())
