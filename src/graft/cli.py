@@ -251,7 +251,7 @@ TRAIN_FLAGS = [
     ("--max-steps", int, "optimizer steps (overrides --epochs)"),
     ("--batch-size", int, "examples per micro-batch"),
     ("--grad-accum", int, "micro-batches per optimizer step"),
-    ("--lr", float, ("peak learning rate (LoRA: 5e-4 after a 10% warmup, rsLoRA 2e-4; other methods and DPO: "
+    ("--lr", float, ("peak learning rate (LoRA: 5e-4 after a 10%% warmup, rsLoRA 2e-4; other methods and DPO: "
                      "2e-4)")),
     ("--weight-decay", float, "decoupled weight decay"),
     ("--optimizer", str, "adamw or adamw8bit"),
