@@ -47,4 +47,7 @@ def panels_plot(path: Path, panels: list[tuple[str, str, Series]], *, xlabel: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    if path.resolve().is_relative_to(docs):  # a plot for docs/benchmarks.md: shown there, by a relative link
+        return f"plot: ![{path.stem}]({path.resolve().relative_to(docs).as_posix()})"
     return f"plot: {path}"
