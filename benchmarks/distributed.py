@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import DATA, rows  # benchmarks/train.py: the same GSM8K rows in the Alpaca fields
+from train import DATA, rows, run_child  # benchmarks/train.py: the same GSM8K rows in the Alpaca fields
 
 
 def vm_rss_mb() -> float:
@@ -93,12 +92,7 @@ def launch(args: argparse.Namespace, ranks: int, strategy: str, device: str) -> 
            "--child", "--strategy", strategy, "--device", device, "--steps", str(args.steps),
            "--examples", str(args.examples), "--global-batch", str(args.global_batch),
            "--max-length", str(args.max_length)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not line:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(f"{ranks} ranks ({strategy}, {device}) failed")
-    return json.loads(line[-1][7:])
+    return run_child(cmd, f"{ranks} ranks ({strategy}, {device})")
 
 
 def main() -> None:
@@ -111,6 +105,8 @@ def main() -> None:
     ap.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error(f"--steps {args.steps}: give at least 2 (the first step is a warm-up; the rest are timed)")
     if args.child:
         return child(args)
     if not DATA.exists():

@@ -40,9 +40,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -574,13 +572,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast on both sides")
     ap.add_argument("--steps", type=int, default=3, help="profiled (and, separately, timed) steps after a warm-up")
-    ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="smollm2-135m", help="built-in name or transformers directory")
-    ap.add_argument("--data", type=Path, default=train_bench.DATA, help="GSM8K train.jsonl")
+    train_bench.step_args(ap)
     ap.add_argument("--only", choices=["graft", "reference"], action="append")
     ap.add_argument("--ablate", action="store_true",
                     help="also graft with packing alone, selective logits alone, and neither (why they do not compound)")
@@ -621,12 +613,7 @@ def main() -> None:
         if args.quick:
             cmd += ["--examples", str(args.examples), "--batch-size", str(args.batch_size),
                     "--max-length", str(args.max_length), "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-            raise SystemExit(f"{which} failed")
-        results.append(json.loads(line[-1][7:]))
+        results.append(train_bench.run_child(cmd, which))
         r = results[-1]
         print(f"{r['impl']}: {r['step_s']:.3f} s/step unprofiled, {r['profiled_step_s']:.3f} s profiled", flush=True)
     md = table(results, rates, args.dtype)

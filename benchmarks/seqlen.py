@@ -30,7 +30,6 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -217,13 +216,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--side", which, "--length", str(length), "--rows", str(args.rows),
                    "--steps", str(args.steps), "--threads", str(args.threads), "--examples", str(args.examples),
                    "--model", args.model, "--data", str(args.data), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                  env={**os.environ, "TQDM_DISABLE": "1"})
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stdout[-3000:], proc.stderr[-3000:])
-                raise SystemExit(f"{which} at L={length} failed")
-            r = json.loads(line[-1][7:])
+            r = train_bench.run_child(cmd, f"{which} at L={length}")
             results.append(r)
             print(f"L={length:5d} {r['side']:<13} {r['step_s']:8.2f} s/step  peak RSS {r['peak_rss_mb']:7.0f} MB "
                   f"(loaded {r['loaded_rss_mb']:.0f})", flush=True)

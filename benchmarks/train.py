@@ -45,6 +45,28 @@ def rows(n: int, path: Path = DATA) -> list[dict]:
     return out
 
 
+def step_args(ap: argparse.ArgumentParser) -> None:
+    """The training-step settings the builders read (this script's defaults), for every script that builds them."""
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m", help="built-in name or transformers directory")
+    ap.add_argument("--data", type=Path, default=DATA, help="GSM8K train.jsonl")
+
+
+def run_child(cmd: list[str], what: str) -> dict:
+    """Run one measured child process (its own peak RSS) and return the figures of its ``RESULT`` line;
+    print its output's tail and exit when it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"{what} failed")
+    return json.loads(line[-1][len("RESULT "):])
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -167,14 +189,8 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    step_args(ap)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--model", default="smollm2-135m", help="built-in name or transformers directory")
-    ap.add_argument("--data", type=Path, default=DATA, help="GSM8K train.jsonl")
     ap.add_argument("--ablate", action="store_true",
                     help="also run graft with gradient checkpointing, and with each technique alone")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every run; the table shows medians")
@@ -213,13 +229,7 @@ def main() -> None:
 
 
 def launch(run: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", run] + [a for a in sys.argv[1:] if a != "--ablate"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not line:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(f"{run} failed")
-    return json.loads(line[-1][7:])
+    return run_child([sys.executable, __file__, "--child", run] + [a for a in sys.argv[1:] if a != "--ablate"], run)
 
 
 def median_run(runs: list[dict]) -> dict:
