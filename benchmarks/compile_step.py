@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -36,13 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step  # benchmarks/profile_step.py: graft's real training step
 import train as train_bench  # benchmarks/train.py: the same builders and data
 
+from graft.train.compile import compiler_problem as compile_check
+from graft.train.compile import decoder_layers  # what --compile compiles
+
 TOLERANCE = 1e-5
 
 
 def compiler_problem() -> str | None:
-    """Why inductor cannot compile on this CPU, or None when a tiny function compiles and matches eager."""
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++", "gcc", "cc")):
-        return "no C/C++ compiler on PATH (inductor on CPU generates C++)"
+    """Why inductor cannot compile on this CPU (graft's check, then a tiny function compiled against eager)."""
+    problem = compile_check(torch.device("cpu"))
+    if problem:
+        return problem
     try:
         def f(x: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.silu(x) * x.pow(2).mean(-1, keepdim=True).rsqrt()
@@ -53,15 +56,6 @@ def compiler_problem() -> str | None:
     except Exception as exc:  # noqa: BLE001 (any failure means: not available here)
         return f"torch.compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
     return None
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a transformers causal LM (the largest ModuleList under the backbone)."""
-    backbone = getattr(model, model.base_model_prefix)
-    lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise SystemExit(f"{type(model).__name__}: no ModuleList of decoder layers found")
-    return list(max(lists, key=len))
 
 
 def apply_compile(model: nn.Module, scope: str) -> int:

@@ -347,10 +347,9 @@ def build_method(job: Job):
     if job.method == "full":
         return None
     if job.method in LORA_FAMILY:
-        rslora = bool(job.rslora)
         return graft.LoRA(r=16 if job.r is None else job.r, alpha=32 if job.alpha is None else job.alpha,
                           dropout=job.dropout or 0.0, targets=_targets(job.targets or "all-linear"),
-                          rslora=rslora or job.method == "rslora", dora=job.method == "dora", init=job.init)
+                          rslora=bool(job.rslora) or job.method == "rslora", dora=job.method == "dora", init=job.init)
     cls = getattr(graft, METHOD_CLASSES[job.method])
     args = dict(job.method_args or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
