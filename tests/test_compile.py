@@ -34,10 +34,14 @@ def test_compiled_training_matches_eager_and_leaves_the_model_eager():
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))  # eager again afterwards
 
 
-def test_compile_without_a_compiler_says_so(monkeypatch):
+def test_compile_without_a_compiler_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     model = lora_llama()
     with pytest.raises(ValueError, match=r"compile=True: .*no C\+\+ compiler"), \
             compiled_layers(model, torch.device("cpu")):
         pass
     assert len(decoder_layers(model)) == 2 and all(m._compiled_call_impl is None for m in decoder_layers(model))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"compile=True: .*no C\+\+ compiler"):  # before anything is written
+        train(model, make_examples(4), collate, TrainConfig(max_steps=1, compile=True, out_dir=str(out), progress=False))
+    assert not out.exists()

@@ -35,6 +35,13 @@ def compiler_problem(device: torch.device) -> str | None:
     return None
 
 
+def require_compiler(device: torch.device) -> None:
+    """Raise ValueError (what is missing, and the way out) when inductor cannot compile for ``device``."""
+    problem = compiler_problem(device)
+    if problem:
+        raise ValueError(f"compile=True: {problem}; install one or train without --compile")
+
+
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, device: torch.device) -> Iterator[int]:
     """Compile every decoder layer of ``model`` inside the block; how many were compiled.
@@ -42,9 +49,7 @@ def compiled_layers(model: nn.Module, device: torch.device) -> Iterator[int]:
     Raises:
         ValueError: No compiler for ``device``, or no layers to compile.
     """
-    problem = compiler_problem(device)
-    if problem:
-        raise ValueError(f"compile=True: {problem}; install one or train without --compile")
+    require_compiler(device)
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)

@@ -34,7 +34,7 @@ from graft.options import NAME, OptionError
 from graft.train import checkpoint as ckpt
 from graft.train import dpo
 from graft.train.callbacks import EarlyStopping, KeepBest, StepInfo
-from graft.train.compile import compiled_layers
+from graft.train.compile import compiled_layers, require_compiler
 from graft.train.config import DATA_ORDER_FIELDS, TrainConfig
 from graft.train.distributed import DistConfig, Distributed
 from graft.train.distributed import setup as setup_distributed
@@ -188,6 +188,8 @@ def train(
     order = dist.order_config(config) if dist is not None else config  # what decides the global data order
     device = next(model.parameters()).device
     _check_autocast(config, device)
+    if config.compile:
+        require_compiler(device)  # before anything is written
     if config.objective == "dpo":
         dpo.check_model(model)
     if (config.early_stopping_patience is not None or config.keep_best) and not eval_data:
